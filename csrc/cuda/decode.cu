@@ -1,0 +1,527 @@
+/*
+ * decode.cu - attention of a few new tokens against a KV cache (sf_cuda_decode).
+ *
+ * Memory-bound: the job is to stream K and V once at full bandwidth. A block
+ * takes one KV head of one sequence and one slice of its keys (split-KV), and
+ * all query rows that read that KV head: the G = heads_q / heads_kv query
+ * heads times the new tokens, so each K/V byte is read once. Tiles of 64 keys
+ * arrive through a 3-stage cp.async pipeline; the 4 warps share the tiles,
+ * each warp owning 16 rows and a share of the keys, and run Q K^T and P V on
+ * mma.sync (rows padded to 16: tensor-core time is free here). The warps'
+ * partial softmax states are merged in shared memory; with several splits a
+ * second kernel merges the splits (log-sum-exp weighted).
+ *
+ * The number of splits depends only on the batch, the heads and the chip (and
+ * on how much workspace the caller gives), never on the cache lengths, which
+ * live on the device: a captured CUDA graph replays correctly when they change.
+ * Keys at or past kv_len are never read.
+ */
+#include "common.cuh"
+
+namespace sfcuda {
+namespace {
+
+constexpr int BN = 64;
+constexpr int THREADS = 128;
+constexpr int NSTAGE = 3;
+constexpr int ROWS_PER_BLOCK = 64; /* 4 warps x 16 rows */
+constexpr int MAX_SPLITS = 64;
+constexpr int SEG_CAP = 1024;
+
+struct DecodeArgs {
+    const int32_t *seg_ptr, *seg_end;
+    const uint8_t *seg_kind;
+    const float *seg_bias;
+    const int32_t *q_start, *q_len, *k_start, *kv_len;
+    const uint16_t *q, *k, *v;
+    uint16_t *out;
+    int64_t q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, o_sb, o_sh, o_st;
+    float *lse;
+    int64_t lse_sb, lse_sh;
+    float *part_o;   /* [batch, heads_q, max_q, nsplit, D] */
+    float *part_lse; /* [batch, heads_q, max_q, nsplit] */
+    int heads_q, group, max_q, nsplit, row_chunks;
+    float scale_log2;
+};
+
+template <int D> __host__ __device__ constexpr int pipe_bytes() { return NSTAGE * (2 * BN * D * 2 + BN * 4); }
+template <int D> __host__ __device__ constexpr int merge_bytes() { return 4 * (16 * D * 4 + 16 * 2 * 4); }
+template <int D> __host__ __device__ constexpr int smem_bytes()
+{
+    return (pipe_bytes<D>() > merge_bytes<D>() ? pipe_bytes<D>() : merge_bytes<D>()) +
+           SEG_CAP * 8;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
+{
+    extern __shared__ __align__(128) uint8_t smem[];
+    /* let the merge kernel (if any) get scheduled now; it waits for this grid's results */
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    const int split = blockIdx.x;
+    const int hk = blockIdx.y / a.row_chunks, rc = blockIdx.y % a.row_chunks;
+    const int b = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, c4 = lane & 3;
+
+    const int q_len = a.q_len[b], kv_len = a.kv_len[b];
+    const int q_start = a.q_start[b], k_start = a.k_start[b];
+    const int rows_total = a.group * a.max_q;
+    const int rows = min(ROWS_PER_BLOCK, rows_total - rc * ROWS_PER_BLOCK);
+    const int rg_count = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
+    const int kg_count = 4 / rg_count;
+    const int rg = warp % rg_count, kg = warp / rg_count;
+
+    const int chunk = (((kv_len + a.nsplit - 1) / a.nsplit) + BN - 1) / BN * BN;
+    const int kbeg = split * chunk;
+    const int kend = min(kbeg + chunk, kv_len);
+
+    /* this thread's two rows */
+    int hrow[2], trow[2], pos[2];
+    bool valid[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        int lr = rg * 16 + g + r * 8;
+        int rr = rc * ROWS_PER_BLOCK + lr;
+        int gi = rr / a.max_q, t = rr % a.max_q;
+        valid[r] = lr < rows && t < q_len;
+        hrow[r] = hk * a.group + gi;
+        trow[r] = t;
+        pos[r] = kv_len - q_len + t;
+    }
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+
+    uint8_t *s_pipe = smem;
+    int32_t *s_end = reinterpret_cast<int32_t *>(smem + (smem_bytes<D>() - SEG_CAP * 8));
+    float *s_sbias = reinterpret_cast<float *>(s_end + SEG_CAP);
+
+    if (kbeg < kend) {
+        /* Q fragments straight from global memory (rows padded with zeros) */
+        uint32_t qf[D / 16][4];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const uint16_t *qrow =
+                a.q + b * a.q_sb + hrow[r] * a.q_sh + (int64_t)(q_start + trow[r]) * a.q_st;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                uint32_t lo = 0, hi = 0;
+                if (valid[r]) {
+                    lo = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 2 * c4);
+                    hi = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 8 + 2 * c4);
+                }
+                qf[kk][r] = lo;
+                qf[kk][2 + r] = hi;
+            }
+        }
+
+        /* per-key biases: segment table staged in shared memory when small */
+        SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
+        const bool has_bias = view.bias != nullptr && view.n > 0;
+        if (has_bias && view.n <= SEG_CAP) {
+            for (int s = tid; s < view.n; s += THREADS) {
+                s_end[s] = view.end[s];
+                s_sbias[s] = view.bias[s];
+            }
+            view.end = s_end;
+            view.bias = s_sbias;
+        }
+        /* the kinds are never read here: decode queries are all global */
+
+        const uint16_t *kbase = a.k + b * a.k_sb + hk * a.k_sh + (int64_t)(k_start + kbeg) * a.k_st;
+        const uint16_t *vbase = a.v + b * a.v_sb + hk * a.v_sh + (int64_t)(k_start + kbeg) * a.v_st;
+        const int nkeys = kend - kbeg;
+        const int ntiles = (nkeys + BN - 1) / BN;
+        const uint32_t spipe = smem_addr(s_pipe);
+        constexpr int STAGE = 2 * BN * D * 2 + BN * 4;
+
+        __syncthreads(); /* staged table visible */
+        auto issue = [&](int t) {
+            int st = t % NSTAGE;
+            uint32_t sk = spipe + st * STAGE, sv = sk + BN * D * 2;
+            load_tile<BN, D, THREADS>(sk, kbase + (int64_t)t * BN * a.k_st, a.k_st,
+                                      nkeys - t * BN, tid);
+            load_tile<BN, D, THREADS>(sv, vbase + (int64_t)t * BN * a.v_st, a.v_st,
+                                      nkeys - t * BN, tid);
+            if (has_bias && tid < BN) {
+                int key = kbeg + t * BN + tid;
+                float bias = key < kend ? view.bias_of(view.seg(key)) * kLog2e : 0.f;
+                reinterpret_cast<float *>(s_pipe + st * STAGE + 2 * BN * D * 2)[tid] = bias;
+            }
+        };
+#pragma unroll
+        for (int t = 0; t < NSTAGE - 1; ++t) {
+            if (t < ntiles) issue(t);
+            cp_async_commit();
+        }
+
+        for (int t = 0; t < ntiles; ++t) {
+            cp_async_wait<NSTAGE - 2>();
+            __syncthreads();
+            if (t + NSTAGE - 1 < ntiles) issue(t + NSTAGE - 1);
+            cp_async_commit();
+
+            const int st = t % NSTAGE;
+            const uint32_t sk = spipe + st * STAGE, sv = sk + BN * D * 2;
+            const float *kb = reinterpret_cast<const float *>(s_pipe + st * STAGE + 2 * BN * D * 2);
+            for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count) {
+                float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    uint32_t bf[4];
+                    int key = cchunk * 16 + (lane & 7) + ((lane >> 4) << 3);
+                    int ch = kk * 2 + ((lane >> 3) & 1);
+                    ldsm_x4(bf, sk + tile_off<D>(key, ch));
+                    mma16816<T>(s[0], qf[kk], bf[0], bf[1]);
+                    mma16816<T>(s[1], qf[kk], bf[2], bf[3]);
+                }
+                float alpha[2];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+                        for (int x = 0; x < 2; ++x) {
+                            int col = cchunk * 16 + n * 8 + 2 * c4 + x;
+                            int key = kbeg + t * BN + col;
+                            float bias = has_bias ? kb[col] : 0.f;
+                            float val = key <= pos[r] && key < kend
+                                            ? s[n][2 * r + x] * a.scale_log2 + bias
+                                            : -INFINITY;
+                            s[n][2 * r + x] = val;
+                            mx = fmaxf(mx, val);
+                        }
+                    }
+                    mx = quad_max(mx);
+                    float m_new = fmaxf(m[r], mx);
+                    float base = m_new == -INFINITY ? 0.f : m_new;
+                    alpha[r] = fast_exp2(m[r] - base);
+                    float sum = 0.f;
+#pragma unroll
+                    for (int n = 0; n < 2; ++n) {
+                        s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
+                        s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
+                        sum += s[n][2 * r] + s[n][2 * r + 1];
+                    }
+                    l[r] = l[r] * alpha[r] + sum;
+                    m[r] = m_new;
+                }
+                uint32_t pa[4];
+                pa[0] = Pack2<T>::pack(s[0][0], s[0][1]);
+                pa[1] = Pack2<T>::pack(s[0][2], s[0][3]);
+                pa[2] = Pack2<T>::pack(s[1][0], s[1][1]);
+                pa[3] = Pack2<T>::pack(s[1][2], s[1][3]);
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    o[2 * dp][0] *= alpha[0];
+                    o[2 * dp][1] *= alpha[0];
+                    o[2 * dp][2] *= alpha[1];
+                    o[2 * dp][3] *= alpha[1];
+                    o[2 * dp + 1][0] *= alpha[0];
+                    o[2 * dp + 1][1] *= alpha[0];
+                    o[2 * dp + 1][2] *= alpha[1];
+                    o[2 * dp + 1][3] *= alpha[1];
+                    uint32_t bf[4];
+                    int key = cchunk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+                    int ch = dp * 2 + (lane >> 4);
+                    ldsm_x4_t(bf, sv + tile_off<D>(key, ch));
+                    mma16816<T>(o[2 * dp], pa, bf[0], bf[1]);
+                    mma16816<T>(o[2 * dp + 1], pa, bf[2], bf[3]);
+                }
+            }
+        }
+        cp_async_wait<0>();
+    }
+    __syncthreads(); /* the pipeline buffers become the merge area */
+
+    /* merge the warps that share rows (same rg, different key shares) */
+    float *s_o = reinterpret_cast<float *>(smem);          /* [4 warps][D/8][32 lanes][4] */
+    float *s_ml = s_o + 4 * 16 * D;                         /* [4 warps][32 lanes][4] */
+    l[0] = quad_sum(l[0]);
+    l[1] = quad_sum(l[1]);
+    if (kg_count > 1) {
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+            *reinterpret_cast<float4 *>(s_o + ((warp * (D / 8) + n) * 32 + lane) * 4) =
+                make_float4(o[n][0], o[n][1], o[n][2], o[n][3]);
+        *reinterpret_cast<float4 *>(s_ml + (warp * 32 + lane) * 4) =
+            make_float4(m[0], m[1], l[0], l[1]);
+        __syncthreads();
+        if (kg != 0) return;
+        float mm[2] = {m[0], m[1]};
+        for (int w = warp + rg_count; w < 4; w += rg_count) {
+            float4 ml = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
+            mm[0] = fmaxf(mm[0], ml.x);
+            mm[1] = fmaxf(mm[1], ml.y);
+        }
+        float f0 = mm[0] == -INFINITY ? 0.f : fast_exp2(m[0] - mm[0]);
+        float f1 = mm[1] == -INFINITY ? 0.f : fast_exp2(m[1] - mm[1]);
+        l[0] *= f0;
+        l[1] *= f1;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            o[n][0] *= f0; o[n][1] *= f0; o[n][2] *= f1; o[n][3] *= f1;
+        }
+        for (int w = warp + rg_count; w < 4; w += rg_count) {
+            float4 ml = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
+            float e0 = mm[0] == -INFINITY ? 0.f : fast_exp2(ml.x - mm[0]);
+            float e1 = mm[1] == -INFINITY ? 0.f : fast_exp2(ml.y - mm[1]);
+            l[0] += ml.z * e0;
+            l[1] += ml.w * e1;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                float4 x = *reinterpret_cast<const float4 *>(s_o + ((w * (D / 8) + n) * 32 + lane) * 4);
+                o[n][0] += x.x * e0; o[n][1] += x.y * e0; o[n][2] += x.z * e1; o[n][3] += x.w * e1;
+            }
+        }
+        m[0] = mm[0];
+        m[1] = mm[1];
+    }
+
+    /* write: the final result (one split) or this split's partial result */
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (!valid[r]) continue;
+        const int h = hrow[r], t = trow[r];
+        float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        float lse_v = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+        if (a.nsplit == 1) {
+            uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + t) * a.o_st;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                *reinterpret_cast<uint32_t *>(orow + n * 8 + 2 * c4) =
+                    Pack2<T>::pack(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+            if (a.lse != nullptr && c4 == 0)
+                a.lse[b * a.lse_sb + h * a.lse_sh + q_start + t] = lse_v;
+        } else {
+            int64_t row_id = ((int64_t)b * a.heads_q + h) * a.max_q + t;
+            float *po = a.part_o + (row_id * a.nsplit + split) * D;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                *reinterpret_cast<float2 *>(po + n * 8 + 2 * c4) =
+                    make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+            if (c4 == 0) a.part_lse[row_id * a.nsplit + split] = lse_v;
+        }
+    }
+}
+
+/* Merges the splits of one row: one warp; lanes first hold the splits' weights (split s in
+ * lane s % 32), then each lane sums D/32 output elements over all splits, with the loads of
+ * different splits independent so that many are in flight. */
+template <typename T, int D>
+__global__ void __launch_bounds__(32) combine_kernel(const DecodeArgs a)
+{
+    /* launched as a programmatic dependent of decode_kernel: wait for its results */
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, lane = threadIdx.x;
+    if (t >= a.q_len[b]) return;
+    const int q_start = a.q_start[b];
+    const int64_t row_id = ((int64_t)b * a.heads_q + h) * a.max_q + t;
+    const float *pl = a.part_lse + row_id * a.nsplit;
+    const float l0 = lane < a.nsplit ? pl[lane] : -INFINITY;
+    const float l1 = lane + 32 < a.nsplit ? pl[lane + 32] : -INFINITY;
+    float mx = fmaxf(l0, l1);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float w0 = (mx == -INFINITY || l0 == -INFINITY) ? 0.f : __expf(l0 - mx);
+    const float w1 = (mx == -INFINITY || l1 == -INFINITY) ? 0.f : __expf(l1 - mx);
+    float sum = w0 + w1;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+
+    constexpr int E = D / 32;
+    float acc[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] = 0.f;
+    const float *po = a.part_o + row_id * a.nsplit * D + lane * E;
+#pragma unroll 8
+    for (int s = 0; s < a.nsplit; ++s) {
+        const float w = __shfl_sync(0xffffffffu, s < 32 ? w0 : w1, s & 31);
+        if (w != 0.f) { /* an empty split (weight 0) is never read */
+            if constexpr (E == 4) {
+                float4 x = *reinterpret_cast<const float4 *>(po + (int64_t)s * D);
+                acc[0] += w * x.x; acc[1] += w * x.y; acc[2] += w * x.z; acc[3] += w * x.w;
+            } else {
+                float2 x = *reinterpret_cast<const float2 *>(po + (int64_t)s * D);
+                acc[0] += w * x.x; acc[1] += w * x.y;
+            }
+        }
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + t) * a.o_st + lane * E;
+    if constexpr (E == 4) {
+        uint2 pk;
+        pk.x = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
+        pk.y = Pack2<T>::pack(acc[2] * inv, acc[3] * inv);
+        *reinterpret_cast<uint2 *>(orow) = pk;
+    } else {
+        *reinterpret_cast<uint32_t *>(orow) = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
+    }
+    if (a.lse != nullptr && lane == 0)
+        a.lse[b * a.lse_sb + h * a.lse_sh + q_start + t] = sum > 0.f ? mx + logf(sum) : -INFINITY;
+}
+
+int sm_count()
+{
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
+        cudaGetLastError();
+        return 132;
+    }
+    return n;
+}
+
+int row_chunks(const sf_attn_params *p, int max_q)
+{
+    int rows = (p->heads_q / p->heads_kv) * max_q;
+    return (rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
+}
+
+/* Splits that fill the chip: two blocks per multiprocessor. */
+int wanted_splits(int batch, const sf_attn_params *p, int max_q)
+{
+    int64_t blocks = (int64_t)batch * p->heads_kv * row_chunks(p, max_q);
+    int64_t target = 2 * (int64_t)sm_count();
+    int64_t s = (target + blocks - 1) / blocks;
+    if (s > MAX_SPLITS) s = MAX_SPLITS;
+    return s < 1 ? 1 : (int)s;
+}
+
+size_t bytes_per_split(int batch, int max_q, const sf_attn_params *p)
+{
+    return (size_t)batch * p->heads_q * max_q * (p->head_dim + 1) * sizeof(float);
+}
+
+template <typename T, int D>
+sf_status launch(const DecodeArgs &a, int heads_kv, int batch, cudaStream_t stream)
+{
+    constexpr int bytes = smem_bytes<D>();
+    /* the shared-memory limit is raised once per device (a host-side setting, legal while
+     * a graph is being captured, but done eagerly on the first call anyway) */
+    static unsigned long long configured = 0;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return SF_ERR_CUDA;
+    const unsigned long long bit = 1ull << (dev & 63);
+    if (!(__atomic_load_n(&configured, __ATOMIC_ACQUIRE) & bit)) {
+        if (cudaFuncSetAttribute(decode_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 bytes) != cudaSuccess)
+            return SF_ERR_CUDA;
+        __atomic_fetch_or(&configured, bit, __ATOMIC_RELEASE);
+    }
+    dim3 grid(a.nsplit, heads_kv * a.row_chunks, batch);
+    decode_kernel<T, D><<<grid, THREADS, bytes, stream>>>(a);
+    if (cudaGetLastError() != cudaSuccess) return SF_ERR_CUDA;
+    if (a.nsplit > 1) {
+        /* Programmatic dependent launch: the merge kernel is scheduled while the split
+         * kernel runs and waits in griddepcontrol.wait, hiding its launch latency. */
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(a.max_q, a.heads_q, batch);
+        cfg.blockDim = dim3(32);
+        cfg.dynamicSmemBytes = 0;
+        cfg.stream = stream;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        if (cudaLaunchKernelEx(&cfg, combine_kernel<T, D>, a) != cudaSuccess) {
+            cudaGetLastError(); /* no programmatic launch here: a plain one is as correct */
+            combine_kernel<T, D><<<cfg.gridDim, 32, 0, stream>>>(a);
+        }
+    }
+    return last_launch_status();
+}
+
+} // namespace
+} // namespace sfcuda
+
+using namespace sfcuda;
+
+extern "C" size_t sf_cuda_workspace_bytes(int32_t batch, int32_t max_q_len, int32_t max_kv_len,
+                                          const sf_attn_params *params)
+{
+    if (params == nullptr || batch <= 0 || max_q_len <= 0 || params->heads_kv <= 0 ||
+        params->heads_q <= 0 || params->heads_q % params->heads_kv != 0)
+        return 0;
+    int s = wanted_splits(batch, params, max_q_len);
+    if (max_kv_len > 0) {
+        /* A split should stream at least 4 tiles: below that, the extra merge kernel and
+         * the per-block start-up cost more than the parallelism brings. */
+        int useful = (max_kv_len + 4 * BN - 1) / (4 * BN);
+        if (s > useful) s = useful;
+    }
+    if (s <= 1) return 0;
+    return (size_t)s * bytes_per_split(batch, max_q_len, params);
+}
+
+extern "C" sf_status sf_cuda_decode(const sf_layouts *layouts, const sf_seqs *seqs,
+                                    const sf_attn_params *params, sf_tensor q, sf_tensor k,
+                                    sf_tensor v, sf_tensor out, float *lse, int64_t lse_stride_b,
+                                    int64_t lse_stride_h, void *workspace, size_t workspace_bytes,
+                                    void *stream)
+{
+    if (seqs == nullptr || params == nullptr) return SF_ERR_ARGUMENT;
+    if (params->dtype != SF_BFLOAT16 && params->dtype != SF_FLOAT16) return SF_ERR_DTYPE;
+    if (params->head_dim != 64 && params->head_dim != 128) return SF_ERR_HEAD_DIM;
+    if (params->heads_q <= 0 || params->heads_kv <= 0 || params->heads_q % params->heads_kv != 0)
+        return SF_ERR_ARGUMENT;
+    if (seqs->batch < 0 || seqs->max_q_len < 0 || seqs->max_q_len > 8) return SF_ERR_ARGUMENT;
+    if (layouts != nullptr && layouts->batch != seqs->batch) return SF_ERR_LAYOUT;
+    if (seqs->batch == 0 || seqs->max_q_len == 0) return SF_OK;
+    if (!q.data || !k.data || !v.data || !out.data || !seqs->q_start || !seqs->q_len ||
+        !seqs->k_start || !seqs->kv_len)
+        return SF_ERR_ARGUMENT;
+    if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out)) return SF_ERR_ARGUMENT;
+    if ((q.stride_t % 2) != 0 || seqs->batch > 65535) return SF_ERR_ARGUMENT;
+
+    DecodeArgs a;
+    a.seg_ptr = layouts ? layouts->seg_ptr : nullptr;
+    a.seg_end = layouts ? layouts->seg_end : nullptr;
+    a.seg_kind = layouts ? layouts->seg_kind : nullptr;
+    a.seg_bias = layouts ? layouts->seg_bias : nullptr;
+    a.q_start = seqs->q_start;
+    a.q_len = seqs->q_len;
+    a.k_start = seqs->k_start;
+    a.kv_len = seqs->kv_len;
+    a.q = (const uint16_t *)q.data;
+    a.k = (const uint16_t *)k.data;
+    a.v = (const uint16_t *)v.data;
+    a.out = (uint16_t *)out.data;
+    a.q_sb = q.stride_b; a.q_sh = q.stride_h; a.q_st = q.stride_t;
+    a.k_sb = k.stride_b; a.k_sh = k.stride_h; a.k_st = k.stride_t;
+    a.v_sb = v.stride_b; a.v_sh = v.stride_h; a.v_st = v.stride_t;
+    a.o_sb = out.stride_b; a.o_sh = out.stride_h; a.o_st = out.stride_t;
+    a.lse = lse;
+    a.lse_sb = lse_stride_b;
+    a.lse_sh = lse_stride_h;
+    a.heads_q = params->heads_q;
+    a.group = params->heads_q / params->heads_kv;
+    a.max_q = seqs->max_q_len;
+    a.row_chunks = row_chunks(params, seqs->max_q_len);
+    a.scale_log2 = params->scale * kLog2e;
+
+    /* As many splits as wanted and as the workspace holds (one needs none). */
+    int s = wanted_splits(seqs->batch, params, seqs->max_q_len);
+    size_t per = bytes_per_split(seqs->batch, seqs->max_q_len, params);
+    size_t fit = workspace == nullptr ? 0 : workspace_bytes / per;
+    if ((size_t)s > fit) s = (int)fit;
+    if (s < 2 || ((uintptr_t)workspace % 16) != 0) s = 1;
+    a.nsplit = s;
+    a.part_o = (float *)workspace;
+    a.part_lse = a.part_o + (size_t)s * seqs->batch * params->heads_q * seqs->max_q_len *
+                                params->head_dim;
+    if ((int64_t)a.row_chunks * params->heads_kv > 65535) return SF_ERR_ARGUMENT;
+
+    cudaStream_t st = (cudaStream_t)stream;
+    const bool bf = params->dtype == SF_BFLOAT16;
+    if (params->head_dim == 64)
+        return bf ? launch<__nv_bfloat16, 64>(a, params->heads_kv, seqs->batch, st)
+                  : launch<__half, 64>(a, params->heads_kv, seqs->batch, st);
+    return bf ? launch<__nv_bfloat16, 128>(a, params->heads_kv, seqs->batch, st)
+              : launch<__half, 128>(a, params->heads_kv, seqs->batch, st);
+}

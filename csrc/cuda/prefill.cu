@@ -1,0 +1,413 @@
+/*
+ * prefill.cu - segment-masked attention over whole sequences (sf_cuda_attention).
+ *
+ * One block of 4 warps takes 64 query rows of one head of one sequence; each
+ * warp owns 16 rows. Keys come in tiles of 64. Before touching K/V the block
+ * classifies every key tile that lies at or before its last query, straight
+ * from the segment table: empty tiles never enter the plan (never loaded),
+ * full tiles run without any mask arithmetic, partial tiles evaluate the mask
+ * and the bias in registers from per-key segment ids computed on the fly.
+ * Q K^T and P V run on mma.sync m16n8k16 with fp32 accumulators; the softmax
+ * is online, in fp32, in base 2. K and V of the query head's KV head are read
+ * in place (GQA of any ratio, no copy).
+ */
+#include "common.cuh"
+
+namespace sfcuda {
+namespace {
+
+constexpr int BM = 64;          /* query rows per block */
+constexpr int BN = 64;          /* keys per tile */
+constexpr int THREADS = 128;    /* 4 warps x 16 rows */
+constexpr int PLAN_CAP = 1024;  /* key tiles classified per planning round */
+constexpr int SEG_CAP = 1024;   /* segment tables up to this size are staged in shared memory */
+constexpr uint32_t FULL_BIT = 0x80000000u;
+
+struct PrefillArgs {
+    const int32_t *seg_ptr, *seg_end;
+    const uint8_t *seg_kind;
+    const float *seg_bias;
+    const int32_t *q_start, *q_len, *k_start, *kv_len;
+    const uint16_t *q, *k, *v;
+    uint16_t *out;
+    int64_t q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, o_sb, o_sh, o_st;
+    float *lse;
+    int64_t lse_sb, lse_sh;
+    int group; /* heads_q / heads_kv */
+    float scale_log2;
+};
+
+template <int D> constexpr int smem_bytes()
+{
+    return BM * D * 2 + 4 * BN * D * 2 + PLAN_CAP * 4 + SEG_CAP * 9 + 2 * BN * 12 + 16 * 4;
+}
+
+/* Per-key facts of a partial tile for the mask: segment (-1 for shared keys), bias (base 2). */
+struct KeyFacts {
+    int32_t *seg;
+    float *bias;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(THREADS, 2) prefill_kernel(const PrefillArgs a)
+{
+    extern __shared__ __align__(128) uint8_t smem[];
+    const int h = blockIdx.x;
+    const int b = blockIdx.z;
+    const int qt = gridDim.y - 1 - blockIdx.y; /* the longest rows start first */
+    const int q_len = a.q_len[b];
+    const int i0 = qt * BM;
+    if (i0 >= q_len) return;
+    const int kv_len = a.kv_len[b];
+    const int q_start = a.q_start[b], k_start = a.k_start[b];
+    const int hk = h / a.group;
+    const int off = kv_len - q_len; /* position of query row 0 */
+    const int p0 = off + i0;
+    const int p1 = off + min(i0 + BM, q_len) - 1;
+    const int jlast = p1 / BN; /* the diagonal tile: never empty (query p1 sees key p1) */
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, c4 = lane & 3;
+
+    /* shared memory: Q | K0 V0 | K1 V1 | plan | segment table | key facts x2 | counts */
+    uint8_t *s_q = smem;
+    uint8_t *s_kv = s_q + BM * D * 2;
+    uint32_t *s_plan = reinterpret_cast<uint32_t *>(s_kv + 4 * BN * D * 2);
+    int32_t *s_end = reinterpret_cast<int32_t *>(s_plan + PLAN_CAP);
+    float *s_bias = reinterpret_cast<float *>(s_end + SEG_CAP);
+    uint8_t *s_kind = reinterpret_cast<uint8_t *>(s_bias + SEG_CAP);
+    int32_t *s_facts = reinterpret_cast<int32_t *>(s_kind + SEG_CAP); /* [2][3][BN] */
+    int32_t *s_count = s_facts + 2 * 3 * BN;
+    auto facts = [&](int st) {
+        KeyFacts f;
+        f.seg = s_facts + st * 3 * BN;
+        f.bias = reinterpret_cast<float *>(f.seg + BN);
+        return f;
+    };
+
+    const uint32_t sq = smem_addr(s_q), skv = smem_addr(s_kv);
+    const uint16_t *kbase = a.k + b * a.k_sb + hk * a.k_sh + (int64_t)k_start * a.k_st;
+    const uint16_t *vbase = a.v + b * a.v_sb + hk * a.v_sh + (int64_t)k_start * a.v_st;
+    auto issue_kv = [&](int j, int st) {
+        uint32_t sk = skv + st * (2 * BN * D * 2), sv = sk + BN * D * 2;
+        load_tile<BN, D, THREADS>(sk, kbase + (int64_t)j * BN * a.k_st, a.k_st, kv_len - j * BN,
+                                  tid);
+        load_tile<BN, D, THREADS>(sv, vbase + (int64_t)j * BN * a.v_st, a.v_st, kv_len - j * BN,
+                                  tid);
+    };
+
+    /* Q and the diagonal tile's K/V start flowing before anything else is known. */
+    const uint16_t *qbase = a.q + b * a.q_sb + h * a.q_sh + (int64_t)(q_start + i0) * a.q_st;
+    load_tile<BM, D, THREADS>(sq, qbase, a.q_st, q_len - i0, tid); /* rows past q_len: zeros */
+    issue_kv(jlast, 0);
+    cp_async_commit();
+
+    /* The sequence's segment table, staged in shared memory when small. */
+    SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
+    if (view.n <= SEG_CAP) {
+        for (int s = tid; s < view.n; s += THREADS) {
+            s_end[s] = view.end[s];
+            s_kind[s] = view.kind[s];
+            s_bias[s] = view.bias ? view.bias[s] : 0.f;
+        }
+        view.end = s_end;
+        view.kind = s_kind;
+        view.bias = s_bias;
+    }
+    __syncthreads();
+    auto write_facts = [&](int j, int st) {
+        if (tid < BN) {
+            KeyFacts f = facts(st);
+            int sg = view.seg(j * BN + tid);
+            f.seg[tid] = view.kind_of(sg) == SF_SHARED ? -1 : sg; /* -1: seen by all */
+            f.bias[tid] = view.bias_of(sg) * kLog2e;
+        }
+    };
+    write_facts(jlast, 0);
+
+    /* Per-row segment facts of this thread's two rows (g and g + 8 of its warp). */
+    int qpos[2], qseg[2];
+    bool qglob[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        qpos[r] = p0 + warp * 16 + g + r * 8;
+        qseg[r] = view.seg(qpos[r]);
+        qglob[r] = view.kind_of(qseg[r]) == SF_GLOBAL;
+    }
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    uint32_t qf[D / 16][4];
+    bool q_in_regs = false;
+    int st = 0; /* stage of the tile processed next */
+
+    /* Rounds of at most PLAN_CAP candidate tiles, from the diagonal down to tile 0. */
+    for (int jtop = jlast + 1; jtop > 0; jtop -= PLAN_CAP) {
+        const int jbase = max(0, jtop - PLAN_CAP);
+        const int ncand = jtop - jbase;
+        /* ---- plan: classify candidate tiles, keep the non-empty ones in order */
+        int nplan = 0;
+        for (int c0 = 0; c0 < ncand; c0 += THREADS) {
+            int j = jbase + c0 + tid;
+            int cls = SF_BLOCK_EMPTY;
+            if (c0 + tid < ncand) {
+                bool nb;
+                int k0 = j * BN, k1 = min(k0 + BN - 1, kv_len - 1);
+                cls = classify_rect(view, p0, p1, k0, k1, &nb);
+                if (cls == SF_BLOCK_FULL && (nb || k0 + BN > kv_len)) cls = SF_BLOCK_PARTIAL;
+            }
+            bool keep = cls != SF_BLOCK_EMPTY;
+            unsigned ballot = __ballot_sync(0xffffffffu, keep);
+            if (lane == 0) s_count[warp] = __popc(ballot);
+            __syncthreads();
+            int before = nplan, total = nplan;
+#pragma unroll
+            for (int w = 0; w < THREADS / 32; ++w) {
+                if (w < warp) before += s_count[w];
+                total += s_count[w];
+            }
+            if (keep)
+                s_plan[before + __popc(ballot & ((1u << lane) - 1u))] =
+                    (uint32_t)j | (cls == SF_BLOCK_FULL ? FULL_BIT : 0u);
+            nplan = total;
+            __syncthreads();
+        }
+        if (nplan == 0) continue;
+        if (jtop != jlast + 1) { /* later rounds: the first tile was not fetched yet */
+            uint32_t e = s_plan[nplan - 1];
+            int j = (int)(e & ~FULL_BIT);
+            issue_kv(j, st);
+            cp_async_commit();
+            if (!(e & FULL_BIT)) write_facts(j, st);
+        }
+
+        /* ---- the tiles, last first; the next one loads while this one computes */
+        for (int it = nplan - 1; it >= 0; --it, st ^= 1) {
+            const uint32_t e = s_plan[it];
+            const int j = (int)(e & ~FULL_BIT);
+            const bool full = (e & FULL_BIT) != 0;
+            __syncthreads(); /* everyone is done with the other stage */
+            if (it > 0) {
+                const uint32_t en = s_plan[it - 1];
+                const int jn = (int)(en & ~FULL_BIT);
+                issue_kv(jn, st ^ 1);
+                if (!(en & FULL_BIT)) write_facts(jn, st ^ 1); /* full tiles need no facts */
+            }
+            cp_async_commit();
+            cp_async_wait<1>();
+            __syncthreads(); /* this tile (and Q) landed and is visible */
+
+            if (!q_in_regs) {
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    int row = warp * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+                    int chunk = kk * 2 + (lane >> 4);
+                    ldsm_x4(qf[kk], sq + tile_off<D>(row, chunk));
+                }
+                q_in_regs = true;
+            }
+            const uint32_t sk = skv + st * (2 * BN * D * 2), sv = sk + BN * D * 2;
+
+            /* S = Q K^T for this warp's 16 rows x 64 keys */
+            float s[BN / 8][4];
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+                for (int np = 0; np < BN / 16; ++np) {
+                    uint32_t bf[4];
+                    int key = np * 16 + (lane & 7) + ((lane >> 4) << 3);
+                    int chunk = kk * 2 + ((lane >> 3) & 1);
+                    ldsm_x4(bf, sk + tile_off<D>(key, chunk));
+                    mma16816<T>(s[2 * np], qf[kk], bf[0], bf[1]);
+                    mma16816<T>(s[2 * np + 1], qf[kk], bf[2], bf[3]);
+                }
+            }
+
+            /* scale, mask and bias (partial tiles only), in base 2 */
+            if (full) {
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                    for (int x = 0; x < 4; ++x) s[n][x] *= a.scale_log2;
+            } else {
+                const KeyFacts f = facts(st);
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+                    for (int x = 0; x < 4; ++x) {
+                        int col = n * 8 + 2 * c4 + (x & 1);
+                        int r = x >> 1;
+                        int key = j * BN + col;
+                        const int ks = f.seg[col];
+                        bool ok = key <= qpos[r] && (qglob[r] || ks == qseg[r] || ks < 0);
+                        float bias = qglob[r] ? f.bias[col] : 0.f;
+                        s[n][x] = ok ? s[n][x] * a.scale_log2 + bias : -INFINITY;
+                    }
+                }
+            }
+
+            /* online softmax */
+            float alpha[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+                mx = quad_max(mx);
+                float m_new = fmaxf(m[r], mx);
+                float base = m_new == -INFINITY ? 0.f : m_new;
+                alpha[r] = fast_exp2(m[r] - base);
+                float sum = 0.f;
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n) {
+                    s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
+                    s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
+                    sum += s[n][2 * r] + s[n][2 * r + 1];
+                }
+                l[r] = l[r] * alpha[r] + sum;
+                m[r] = m_new;
+            }
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                o[i][0] *= alpha[0];
+                o[i][1] *= alpha[0];
+                o[i][2] *= alpha[1];
+                o[i][3] *= alpha[1];
+            }
+
+            /* O += P V */
+#pragma unroll
+            for (int kt = 0; kt < BN / 16; ++kt) {
+                uint32_t pa[4];
+                pa[0] = Pack2<T>::pack(s[2 * kt][0], s[2 * kt][1]);
+                pa[1] = Pack2<T>::pack(s[2 * kt][2], s[2 * kt][3]);
+                pa[2] = Pack2<T>::pack(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+                pa[3] = Pack2<T>::pack(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    uint32_t bf[4];
+                    int key = kt * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+                    int chunk = dp * 2 + (lane >> 4);
+                    ldsm_x4_t(bf, sv + tile_off<D>(key, chunk));
+                    mma16816<T>(o[2 * dp], pa, bf[0], bf[1]);
+                    mma16816<T>(o[2 * dp + 1], pa, bf[2], bf[3]);
+                }
+            }
+        }
+        __syncthreads(); /* the plan buffer is rewritten by the next round */
+    }
+    cp_async_wait<0>();
+
+    /* epilogue: normalise and write the valid rows */
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float lt = quad_sum(l[r]);
+        int i = i0 + warp * 16 + g + r * 8;
+        if (i >= q_len) continue;
+        float inv = lt > 0.f ? 1.f / lt : 0.f;
+        uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + i) * a.o_st;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            uint32_t pk = Pack2<T>::pack(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+            *reinterpret_cast<uint32_t *>(orow + n * 8 + 2 * c4) = pk;
+        }
+        if (a.lse != nullptr && c4 == 0)
+            a.lse[b * a.lse_sb + h * a.lse_sh + q_start + i] =
+                lt > 0.f ? (m[r] + log2f(lt)) * kLn2 : -INFINITY;
+    }
+}
+
+template <typename T, int D> sf_status launch(const PrefillArgs &a, int heads_q, int batch,
+                                              int max_q_len, cudaStream_t stream)
+{
+    constexpr int bytes = smem_bytes<D>();
+    /* the shared-memory limit is raised once per device (a host-side setting, legal while
+     * a graph is being captured, but done eagerly on the first call anyway) */
+    static unsigned long long configured = 0;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return SF_ERR_CUDA;
+    const unsigned long long bit = 1ull << (dev & 63);
+    if (!(__atomic_load_n(&configured, __ATOMIC_ACQUIRE) & bit)) {
+        if (cudaFuncSetAttribute(prefill_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 bytes) != cudaSuccess)
+            return SF_ERR_CUDA;
+        __atomic_fetch_or(&configured, bit, __ATOMIC_RELEASE);
+    }
+    dim3 grid(heads_q, (max_q_len + BM - 1) / BM, batch);
+    prefill_kernel<T, D><<<grid, THREADS, bytes, stream>>>(a);
+    return last_launch_status();
+}
+
+} // namespace
+} // namespace sfcuda
+
+using namespace sfcuda;
+
+extern "C" int sf_cuda_available(void)
+{
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError(); /* clear the error so later calls are not poisoned */
+        return 0;
+    }
+    return n > 0;
+}
+
+extern "C" sf_status sf_cuda_attention(const sf_layouts *layouts, const sf_seqs *seqs,
+                                       const sf_attn_params *params, sf_tensor q, sf_tensor k,
+                                       sf_tensor v, sf_tensor out, float *lse,
+                                       int64_t lse_stride_b, int64_t lse_stride_h,
+                                       void *workspace, size_t workspace_bytes, void *stream)
+{
+    (void)workspace;
+    (void)workspace_bytes;
+    if (seqs == nullptr || params == nullptr) return SF_ERR_ARGUMENT;
+    if (params->dtype != SF_BFLOAT16 && params->dtype != SF_FLOAT16) return SF_ERR_DTYPE;
+    if (params->head_dim != 64 && params->head_dim != 128) return SF_ERR_HEAD_DIM;
+    if (params->heads_q <= 0 || params->heads_kv <= 0 || params->heads_q % params->heads_kv != 0)
+        return SF_ERR_ARGUMENT;
+    if (seqs->batch < 0 || seqs->max_q_len < 0) return SF_ERR_ARGUMENT;
+    if (layouts != nullptr && layouts->batch != seqs->batch) return SF_ERR_LAYOUT;
+    if (seqs->batch == 0 || seqs->max_q_len == 0) return SF_OK;
+    if (!q.data || !k.data || !v.data || !out.data || !seqs->q_start || !seqs->q_len ||
+        !seqs->k_start || !seqs->kv_len)
+        return SF_ERR_ARGUMENT;
+    if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out)) return SF_ERR_ARGUMENT;
+    if ((int64_t)(seqs->max_q_len + BM - 1) / BM > 65535 || seqs->batch > 65535)
+        return SF_ERR_ARGUMENT;
+
+    PrefillArgs a;
+    a.seg_ptr = layouts ? layouts->seg_ptr : nullptr;
+    a.seg_end = layouts ? layouts->seg_end : nullptr;
+    a.seg_kind = layouts ? layouts->seg_kind : nullptr;
+    a.seg_bias = layouts ? layouts->seg_bias : nullptr;
+    a.q_start = seqs->q_start;
+    a.q_len = seqs->q_len;
+    a.k_start = seqs->k_start;
+    a.kv_len = seqs->kv_len;
+    a.q = (const uint16_t *)q.data;
+    a.k = (const uint16_t *)k.data;
+    a.v = (const uint16_t *)v.data;
+    a.out = (uint16_t *)out.data;
+    a.q_sb = q.stride_b; a.q_sh = q.stride_h; a.q_st = q.stride_t;
+    a.k_sb = k.stride_b; a.k_sh = k.stride_h; a.k_st = k.stride_t;
+    a.v_sb = v.stride_b; a.v_sh = v.stride_h; a.v_st = v.stride_t;
+    a.o_sb = out.stride_b; a.o_sh = out.stride_h; a.o_st = out.stride_t;
+    a.lse = lse;
+    a.lse_sb = lse_stride_b;
+    a.lse_sh = lse_stride_h;
+    a.group = params->heads_q / params->heads_kv;
+    a.scale_log2 = params->scale * kLog2e;
+
+    cudaStream_t st = (cudaStream_t)stream;
+    const bool bf = params->dtype == SF_BFLOAT16;
+    if (params->head_dim == 64)
+        return bf ? launch<__nv_bfloat16, 64>(a, params->heads_q, seqs->batch, seqs->max_q_len, st)
+                  : launch<__half, 64>(a, params->heads_q, seqs->batch, seqs->max_q_len, st);
+    return bf ? launch<__nv_bfloat16, 128>(a, params->heads_q, seqs->batch, seqs->max_q_len, st)
+              : launch<__half, 128>(a, params->heads_q, seqs->batch, seqs->max_q_len, st);
+}

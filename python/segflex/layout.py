@@ -285,6 +285,30 @@ class LayoutTable:
         return (self.batch, _address(self.seg_ptr), _address(self.seg_end),
                 _address(self.seg_kind), _address(self.seg_bias))
 
+    def global_from(self, limits: Sequence[int]) -> "LayoutTable":
+        """The same table, on the host, with every position of sequence b from ``limits[b]`` on
+        turned global (segments split at the limit keep their bias). Decoding uses this: the
+        new tokens are queries that see everything, whatever segment the layout puts them in,
+        while every key keeps its segment's bias."""
+        host = (lambda a: a if isinstance(a, np.ndarray) else a.cpu().numpy())
+        ptr, end, kind, bias = (host(a) for a in (self.seg_ptr, self.seg_end, self.seg_kind,
+                                                   self.seg_bias))
+        ends, kinds, biases, counts = [], [], [], []
+        for b in range(len(ptr) - 1):
+            start, limit, n = 0, int(limits[b]), 0
+            for s in range(int(ptr[b]), int(ptr[b + 1])):
+                e = int(end[s])
+                if start < limit < e:  # split: the part before the limit keeps its kind
+                    ends.append(limit); kinds.append(kind[s]); biases.append(bias[s]); n += 1
+                ends.append(e); kinds.append(kind[s] if e <= limit else GLOBAL)
+                biases.append(bias[s]); n += 1
+                start = e
+            counts.append(n)
+        seg_ptr = np.zeros(len(counts) + 1, dtype=np.int32)
+        seg_ptr[1:] = np.cumsum(counts)
+        return LayoutTable(seg_ptr, np.array(ends, dtype=np.int32), np.array(kinds, dtype=np.uint8),
+                           np.array(biases, dtype=np.float32), self.lengths, self.host_lengths)
+
     def to(self, device) -> "LayoutTable":
         """The same table as torch tensors on ``device``."""
         import torch

@@ -325,6 +325,8 @@ def decode(q, k_cache, v_cache, cache_lens, layouts=None, scale: float | None = 
             raise ValueError(f"layouts[{b}] has {table.host_lengths[b]} tokens but cache_lens[{b}] "
                              f"is only {lens[b]}")
     if kind == "numpy":
+        if table is not None:
+            table = table.global_from(lens - n_new)  # the new tokens are global
         geo = _Geometry.host(np.zeros(B), np.full(B, n_new), np.zeros(B), lens, n_new, packed=False)
         out = np.zeros(q.shape, dtype=np.float32)
         lse = np.full(q.shape[:3], -np.inf, dtype=np.float32) if return_lse else None
@@ -412,6 +414,8 @@ def _register_torch_ops() -> None:
             _call(2, table, geo, q, k_cache, v_cache, out, lse if return_lse else None, scale,
                   hq, k_cache.shape[1], D, ws, torch.cuda.current_stream(q.device).cuda_stream)
         else:
+            if table is not None:  # the new tokens are global, whatever the layout says
+                table = table.global_from(cache_lens.numpy().astype(np.int64) - n_new)
             _call(0, table, geo, q, k_cache, v_cache, out, lse if return_lse else None, scale,
                   hq, k_cache.shape[1], D)
         return out, lse

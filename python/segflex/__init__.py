@@ -21,6 +21,18 @@ def cuda_available() -> bool:
     return bool(_C.cuda_available())
 
 
+_LAZY = ("hf", "generate", "data", "evaluate", "output", "models", "experiment", "cli")
+
+
+def __getattr__(name: str):
+    """``segflex.hf``, ``segflex.generate``, ... load on first use: they need transformers,
+    pandas or spaCy, which the kernels and layouts do not."""
+    if name in _LAZY:
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'segflex' has no attribute {name!r}")
+
+
 __all__ = [
     "KINDS", "POSITION_MODES", "LayoutTable", "SegmentLayout", "SegmentBlockMask", "attention",
     "build_block_mask", "cuda_available", "decode", "mask_mod", "pack", "pack_layouts",

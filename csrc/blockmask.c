@@ -64,7 +64,10 @@ sf_status sf_block_mask_build(const sf_layouts *lay, int32_t q_len, int32_t kv_l
     const int32_t q_offset = kv_len - q_len;
     sf_status result = SF_OK;
 
-#pragma omp parallel
+    /* Threads pay only for large masks: starting a team costs more than classifying a
+     * few thousand blocks, especially when the cores are busy. */
+    const int parallel = (int64_t)lay->batch * nq * nk > 65536;
+#pragma omp parallel if (parallel)
     {
         uint8_t *flags = (uint8_t *)malloc((size_t)nk);
         if (!flags) {

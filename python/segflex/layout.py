@@ -207,9 +207,10 @@ class SegmentLayout:
         return hash((self._lengths, self._kinds, self._biases))
 
     def __repr__(self) -> str:
-        parts = []
-        for n, kind, bias in zip(self._lengths, self._kinds, self._biases):
-            parts.append(f"{kind}:{n}" + (f"({bias:+.3g})" if bias else ""))
+        parts = [f"{kind}:{n}" + (f"({bias:+.3g})" if bias else "")
+                 for n, kind, bias in zip(self._lengths, self._kinds, self._biases)]
+        if len(parts) > 24:  # keep long layouts readable: both ends and a count
+            parts = parts[:16] + [f"... {len(parts) - 20} more ..."] + parts[-4:]
         return f"SegmentLayout(L={len(self)}, [{' '.join(parts)}])"
 
     # ------------------------------------------------------------------ derived views

@@ -107,8 +107,10 @@ def build_block_mask(layouts, block_size: int = 128, q_len: int | None = None,
     """
     from . import _C
     layouts = as_layout_list(layouts)
-    qb = _check_block("q_block_size", block_size if q_block_size is None else q_block_size)
-    kb = _check_block("kv_block_size", block_size if kv_block_size is None else kv_block_size)
+    qb = (_check_block("block_size", block_size) if q_block_size is None
+          else _check_block("q_block_size", q_block_size))
+    kb = (_check_block("block_size", block_size) if kv_block_size is None
+          else _check_block("kv_block_size", kv_block_size))
     q_len, kv_len = _lengths(layouts, q_len, kv_len)
     nq, nk = -(-q_len // qb), -(-kv_len // kb)
     batch = len(layouts)

@@ -359,3 +359,31 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     for top_p, allowed in [(0.79, {0, 1}), (0.85, {0, 1, 2}), (0.4, {0}), (1.0, {0, 1, 2, 3})]:
         seen = set(_choose(scores, 1.0, top_p, gen).tolist())
         assert seen == allowed, (top_p, seen)
+
+
+def test_shared_prefix_is_encoded_once_and_changes_nothing(model, tok, questions, monkeypatch):
+    """Rows with a common prefix: the engine encodes it once (prompt caching) and the result
+    is still the full-recompute reference's, for plain rows and self-ensemble rows alike."""
+    import segflex.generate as engine
+
+    seen = []
+    real = engine._shared_prefix
+    monkeypatch.setattr(engine, "MIN_SHARED_PREFIX", 1)
+    monkeypatch.setattr(engine, "_shared_prefix", lambda rows: seen.append(real(rows)) or seen[-1])
+    long_prefix = tok("The following questions are about general knowledge. " * 3,
+                      add_special_tokens=False)["input_ids"]
+    qs = [Question(tuple(long_prefix) + q.prefix, q.paraphrases, q.answer_cue, q.bos)
+          for q in questions[:6]]
+    per = run_method(model, tok, qs, "per_prompt", max_new_tokens=MAX_NEW, batch_size=6)
+    assert seen and min(seen) >= len(long_prefix)  # the prefix path really ran
+    for q, p in zip(qs, per):
+        refs = [reference_greedy(model, tok, list(q.bos + q.prefix + para + q.answer_cue))
+                for para in q.paraphrases]
+        assert [g.tokens for g in p] == refs
+    seen.clear()
+    got = generate(model, tok, qs, format="shared", positions="aligned", max_new_tokens=MAX_NEW,
+                   batch_size=6)
+    assert seen and min(seen) >= len(long_prefix)
+    for q, g in zip(qs, got):
+        tokens, lengths, kinds, biases = reference_segments(q, "shared", -math.log(q.n))
+        assert g[0].tokens == reference_greedy(model, tok, tokens, lengths, kinds, biases, "aligned")

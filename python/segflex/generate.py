@@ -302,6 +302,47 @@ def _fuse(logits: torch.Tensor, group_of: torch.Tensor, n_groups: int, combine: 
     raise ValueError(f"combine must be none, avg, max or weighted_avg, got {combine!r}")
 
 
+MIN_SHARED_PREFIX = 16
+
+
+def _causal_up_to(layout: SegmentLayout, n: int) -> bool:
+    """Whether the mask of the first ``n`` positions is plain causal (so their keys do not
+    depend on what follows or on other rows): after the first isolated segment, only global
+    segments may start before ``n``."""
+    seen_isolated = False
+    for start, kind in zip(layout.starts, layout.kinds):
+        if start >= n:
+            break
+        if kind == "isolated":
+            if seen_isolated:
+                return False
+            seen_isolated = True
+        elif kind == "shared" and seen_isolated:
+            return False
+    return True
+
+
+def _shared_prefix(rows: Sequence[Row]) -> int:
+    """Length of the token prefix every row shares with the same positions and a causal mask
+    (0 when too short to pay). The last token of each row is always left to the batch: its
+    logits start the generation."""
+    if len(rows) < 2:
+        return 0
+    first = rows[0].tokens
+    n = min(len(r.tokens) for r in rows) - 1
+    for r in rows[1:]:
+        k = 0
+        while k < n and r.tokens[k] == first[k]:
+            k += 1
+        n = k
+    for r in rows:
+        mismatch = np.nonzero(np.asarray(r.positions[:n]) != np.arange(n))[0]
+        n = int(mismatch[0]) if mismatch.size else n
+    while n > 0 and not all(_causal_up_to(r.layout, n) for r in rows):
+        n -= 1
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
 @torch.no_grad()
 def generate_rows(
     model: Any,
@@ -359,12 +400,23 @@ def generate_rows(
     layouts = [r.layout for r in rows]
     table = pack(layouts, device)  # packed once, read by every layer and step
     cache = SegmentCache(model.config.num_hidden_layers, int(lengths.max()) + max_new_tokens)
-    cache.begin_prefill(lengths)
+    shared = _shared_prefix(rows)
     with enable(model):
-        hidden = base(input_ids=ids.to(device), position_ids=pos.to(device), past_key_values=cache,
-                      use_cache=True, segment_layouts=table).last_hidden_state
+        if shared:  # encode the common prefix once, copy its keys into every row
+            prefix = SegmentCache(model.config.num_hidden_layers, shared)
+            prefix.begin_prefill(torch.tensor([shared]))
+            base(input_ids=ids[:1, :shared].to(device), position_ids=pos[:1, :shared].to(device),
+                 past_key_values=prefix, use_cache=True,
+                 segment_layouts=[SegmentLayout([shared], ["global"])])
+            prefix.advance()
+            cache.put_prefix(prefix, len(rows))
+            del prefix
+        cache.begin_prefill(lengths, offset=shared)
+        hidden = base(input_ids=ids[:, shared:].to(device), position_ids=pos[:, shared:].to(device),
+                      past_key_values=cache, use_cache=True, segment_layouts=table).last_hidden_state
         cache.advance()
-        logits = head(hidden[torch.arange(len(rows), device=device), (lengths - 1).to(device)]).float()
+        last = (lengths - 1 - shared).to(device)
+        logits = head(hidden[torch.arange(len(rows), device=device), last]).float()
 
         # ---- samples share the prefill: repeat rows, caches and layouts
         if num_samples > 1:

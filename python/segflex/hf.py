@@ -262,11 +262,7 @@ def segflex_attention_forward(
             raise ValueError(f"segflex: a decode step takes 1..8 new tokens per row, got {q_len}")
         out = segflex.decode(query, key, value, cache_lens, layouts=layouts, scale=scaling)
     else:
-        if q_len != kv_len and layouts is not None and segment_layouts is not None:
-            raise ValueError(
-                f"segflex: a prefill with segment_layouts needs as many keys as queries ({q_len} != {kv_len}); "
-                "pass cache_lens for decode steps"
-            )
+        # q_len < kv_len: a prefill after cached keys; query i sits at position i + kv_len - q_len.
         if max(_as_layouts(layouts, batch)[1]) > kv_len:
             raise ValueError(f"segflex: a layout is longer than the {kv_len} keys of this call")
         out = segflex.attention(query, key, value, layouts, scale=scaling)
@@ -388,6 +384,10 @@ class SegmentCache:
     * prefill (``begin_prefill(lengths)`` then one forward): keys of the padded
       prompt batch land at positions ``0..Lmax-1``; the call gets the prompt
       keys back (queries and keys have the same length);
+    * prefill after a shared prefix (``put_prefix(...)``, then
+      ``begin_prefill(lengths, offset=P)`` and a forward of the tokens after
+      the first P): keys land at ``P..``; the call gets keys ``0..`` so its
+      queries sit at the end of a longer key range (chunked prefill);
     * decode (``begin_decode()`` then one forward with ``cache_lens=
       cache.next_lens``): the new token of row b lands at ``lens[b]``; the call
       gets the whole buffers and ``segflex.decode`` reads ``cache_lens`` of each.
@@ -413,13 +413,17 @@ class SegmentCache:
         self._mode = "prefill"
         self._step = 1
         self._start: Optional[torch.Tensor] = None
+        self._offset = 0
 
     # -- engine side
-    def begin_prefill(self, lengths: torch.Tensor) -> None:
-        """The next forward writes a right-padded prompt batch of these lengths."""
+    def begin_prefill(self, lengths: torch.Tensor, offset: int = 0) -> None:
+        """The next forward writes a right-padded prompt batch of these lengths (whole
+        lengths; with ``offset``, the forward carries only the tokens after the first
+        ``offset``, whose keys :meth:`put_prefix` already stored)."""
         if int(lengths.max()) > self.max_len:
             raise ValueError(f"a prompt of {int(lengths.max())} tokens does not fit max_len={self.max_len}")
         self._mode, self._pending = "prefill", lengths.to("cpu", torch.int64)
+        self._offset = offset
 
     def begin_decode(self, n_new: int = 1) -> torch.Tensor:
         """The next forward writes ``n_new`` tokens per row; returns the
@@ -432,6 +436,18 @@ class SegmentCache:
         self._pending = self.lens + n_new
         self._start = None  # write positions on the cache's device, made once per step
         return self._pending.to(torch.int32)
+
+    def put_prefix(self, prefix: "SegmentCache", batch: int) -> None:
+        """Copies the keys/values of a one-row cache holding a shared prefix into the first
+        positions of ``batch`` rows of this cache."""
+        for i in range(self.num_layers):
+            pk, pv = prefix.keys[i], prefix.values[i]
+            n = int(prefix.lens[0])
+            if self.keys[i] is None:
+                shape = (batch, pk.shape[1], self.max_len, pk.shape[3])
+                self.keys[i], self.values[i] = pk.new_zeros(shape), pv.new_zeros(shape)
+            self.keys[i][:, :, :n] = pk[:1, :, :n]
+            self.values[i][:, :, :n] = pv[:1, :, :n]
 
     def advance(self) -> None:
         """Commit the lengths of the forward that just ran."""
@@ -459,9 +475,10 @@ class SegmentCache:
         if kbuf.shape[0] != batch:
             raise ValueError(f"SegmentCache holds {kbuf.shape[0]} rows, the forward has {batch}")
         if self._mode == "prefill":
-            kbuf[:, :, :n] = key
-            vbuf[:, :, :n] = value
-            return key, value
+            o = self._offset
+            kbuf[:, :, o:o + n] = key
+            vbuf[:, :, o:o + n] = value
+            return (key, value) if o == 0 else (kbuf[:, :, :o + n], vbuf[:, :, :o + n])
         if self._start is None or self._start.device != key.device:
             self._start = self.lens.to(key.device)
         rows, start = torch.arange(batch, device=key.device), self._start

@@ -387,3 +387,34 @@ def test_shared_prefix_is_encoded_once_and_changes_nothing(model, tok, questions
     for q, g in zip(qs, got):
         tokens, lengths, kinds, biases = reference_segments(q, "shared", -math.log(q.n))
         assert g[0].tokens == reference_greedy(model, tok, tokens, lengths, kinds, biases, "aligned")
+
+
+def test_finished_rows_leave_the_batch_without_changing_results(model, tok, questions, monkeypatch):
+    """With many stop tokens, rows finish at different steps and the engine shrinks the batch;
+    every method still equals its full-recompute reference under the same stop rule."""
+    import sys
+
+    import segflex.generate as engine
+    import segflex.hf as hf
+
+    _, eos = engine._stop_ids(tok, model, len(tok))
+    many = {i for i in range(len(tok)) if i % 4 == 0} | set(eos)
+    monkeypatch.setattr(engine, "_stop_ids", lambda *a: (many, eos))
+    monkeypatch.setattr(sys.modules[__name__], "stop_ids", lambda tok: many)
+    shrinks = []
+    real = hf.SegmentCache.select_rows
+    monkeypatch.setattr(hf.SegmentCache, "select_rows",
+                        lambda self, idx: shrinks.append(len(idx)) or real(self, idx))
+    qs = questions[:12]
+    per = run_method(model, tok, qs, "per_prompt", max_new_tokens=MAX_NEW, batch_size=12)
+    se = generate(model, tok, qs, format="shared", positions="contiguous", max_new_tokens=MAX_NEW,
+                  batch_size=12)
+    conf = [[1.0] * q.n for q in qs]
+    fused = run_method(model, tok, qs, "avg", confidences=conf, max_new_tokens=MAX_NEW, batch_size=12)
+    assert shrinks, "no row finished early: the test does not exercise the shrinking batch"
+    for q, p, s, f in zip(qs, per, se, fused):
+        prompts = [list(q.bos + q.prefix + para + q.answer_cue) for para in q.paraphrases]
+        assert [g.tokens for g in p] == [reference_greedy(model, tok, x) for x in prompts]
+        tokens, lengths, kinds, biases = reference_segments(q, "shared", -math.log(q.n))
+        assert s[0].tokens == reference_greedy(model, tok, tokens, lengths, kinds, biases)
+        assert f[0].tokens == reference_greedy(model, tok, prompts, combine=_fusion("avg"))

@@ -432,19 +432,34 @@ def generate_rows(
         stops, eos = _stop_ids(tokenizer, model, logits.shape[-1]) if stop else (set(), set())
         next_pos = next_pos.to(device)
 
-        # ---- decode: each group stops on its own (finished rows keep running, ignored)
+        # ---- decode: each group stops on its own; once half the rows are finished, the
+        # batch (cache, positions, layouts) shrinks to the rows still generating
         out: list[list[int]] = [[] for _ in range(n_groups)]
         done = [False] * n_groups
+        row_group = group_t               # group of each row still in the batch
+        live = list(range(n_groups))      # without fusion: the group of each score row
         for step in range(max_new_tokens):
-            token = _choose(_fuse(logits, group_t, n_groups, combine, w), temperature, top_p, generator)
-            for g, t in enumerate(token.tolist()):  # the one host sync of a step
+            token = _choose(_fuse(logits, row_group, n_groups, combine, w), temperature, top_p, generator)
+            owners = live if combine == "none" else range(n_groups)
+            for g, t in zip(owners, token.tolist()):  # the one host sync of a step
                 if not done[g]:
                     out[g].append(t)
                     done[g] = t in stops
             if all(done) or step == max_new_tokens - 1:
                 break
+            row_token = token if combine == "none" else token[row_group]
+            keep = [i for i, g in enumerate(row_group.tolist()) if not done[g]]
+            if len(keep) <= len(row_group) // 2:
+                idx = torch.tensor(keep, device=device)
+                cache.select_rows(idx)
+                row_group, next_pos, row_token = row_group[idx], next_pos[idx], row_token[idx]
+                w = None if w is None else w[idx]
+                layouts = [layouts[i] for i in keep]
+                table = pack(layouts, device)
+                if combine == "none":
+                    live = [live[i] for i in keep]
             cache_lens = cache.begin_decode(1).to(device)
-            hidden = base(input_ids=token[group_t][:, None], position_ids=(next_pos + step)[:, None],
+            hidden = base(input_ids=row_token[:, None], position_ids=(next_pos + step)[:, None],
                           past_key_values=cache, use_cache=True, segment_layouts=table,
                           cache_lens=cache_lens).last_hidden_state
             cache.advance()

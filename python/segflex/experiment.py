@@ -14,6 +14,7 @@ of their own.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -52,6 +53,55 @@ class Options:
     resume: bool = False
     bidirectional: bool = False
     progress: bool = True
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a data-parallel run (``torchrun`` sets RANK and WORLD_SIZE):
+    every ``world``-th question from ``rank`` on. Each rank writes its own file; rank 0 merges
+    them, in question order, into the run's file."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Shard":
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if not 0 <= rank < world:
+            raise ValueError(f"RANK={rank} must lie in [0, WORLD_SIZE={world})")
+        return cls(rank, world)
+
+    def path(self, path: Path) -> Path:
+        return path if self.world == 1 else path.with_name(
+            f"{path.stem}.rank{self.rank}-of-{self.world}{path.suffix}")
+
+    def take(self, items: Sequence) -> list:
+        return list(items[self.rank::self.world])
+
+    def barrier(self) -> None:
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")  # CPU rendezvous: only file hand-over crosses it
+        dist.barrier()
+
+    def merge(self, path: Path, questions: Sequence) -> None:
+        """Rank 0: the shard files of ``path`` into ``path``, rows in question order."""
+        if self.world == 1 or self.rank != 0:
+            return
+        import pyarrow as pa
+        import pyarrow.feather as feather
+
+        from .output import write_table
+        shards = [Shard(r, self.world).path(path) for r in range(self.world)]
+        table = pa.concat_tables([feather.read_table(str(p)) for p in shards])
+        order = {q.uuid: i for i, q in enumerate(questions)}
+        keys = [order[u] for u in table.column("uuid").to_pylist()]
+        ranked = sorted(range(len(keys)), key=lambda i: keys[i])  # stable: rows of a question stay
+        write_table(path, table.take(pa.array(ranked)))
+        for p in shards:
+            p.unlink()
 
 
 def label(method: str, opts: Options) -> str:
@@ -95,7 +145,8 @@ def _encode(ds, tokenizer, questions, opts: Options):
     return parts, encoded
 
 
-def confidences(model, tokenizer, ds, questions, opts: Options, out: Path) -> dict[str, list[float]]:
+def confidences(model, tokenizer, ds, questions, opts: Options, out: Path,
+                shard: Shard = Shard()) -> dict[str, list[float]]:
     """Self-consistency confidence of every selected paraphrase, cached in
     ``{out}/confidence-{selection}.feather`` (uuid, paraphrase, prompt, answers,
     greedy_predict, sample_predicts, lemmas, confidence)."""
@@ -107,7 +158,7 @@ def confidences(model, tokenizer, ds, questions, opts: Options, out: Path) -> di
     from .output import write_table
 
     sel = ",".join(map(str, opts.indexs)) if opts.indexs else str(opts.num_paraphrases)
-    path = out / f"confidence-{sel}-k{opts.confidence_samples}.feather"
+    path = shard.path(out / f"confidence-{sel}-k{opts.confidence_samples}.feather")
     known: dict[str, list[float]] = {}
     rows: list[dict] = []
     if path.exists():
@@ -153,12 +204,14 @@ def run(method: str, model: Any, tokenizer: Any, opts: Options = Options(), *,
     name = label(method, opts)
     path = run_path(out, name, opts.num_paraphrases if not opts.indexs else None,
                     list(opts.indexs) if opts.indexs else None)
+    shard = Shard.from_env()
+    all_questions, questions = questions, shard.take(questions)
     conf = None
     if method in ("weighted_avg", "weighted_max"):
-        conf = confidences(model, tokenizer, ds, questions, opts, out)
+        conf = confidences(model, tokenizer, ds, questions, opts, out, shard)
     fused = method in ("self_ensemble", "flex")
     n_sel = len(opts.indexs) if opts.indexs else opts.num_paraphrases
-    writer = RunWriter(path, method=name, model=model_name, dataset=ds.name,
+    writer = RunWriter(shard.path(path), method=name, model=model_name, dataset=ds.name,
                        position_mode=opts.positions if fused else None,
                        bias=_bias_value(opts.bias, n_sel or 1) if fused else None,
                        checkpoint_every=opts.checkpoint_every, resume=opts.resume,
@@ -186,6 +239,9 @@ def run(method: str, model: Any, tokenizer: Any, opts: Options = Options(), *,
                 writer.add(rows)
             bar.update(len(chunk))
     bar.close()
+    shard.barrier()
+    shard.merge(path, all_questions)
+    shard.barrier()
     return path
 
 

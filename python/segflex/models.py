@@ -179,7 +179,8 @@ def _save_cache(model: Any, tokenizer: Any, target: Path, source: Path) -> None:
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu",
-               dtype: Any = None, cache: bool = True) -> tuple[Any, Any]:
+               dtype: Any = None, cache: bool = True,
+               device_map: str | dict | None = None) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from local files.
 
     Args:
@@ -191,6 +192,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
             ``"bf16"``, or a torch dtype.
         cache: for GGUF files, keep a de-quantised safetensors copy under
             :func:`cache_dir` and load from it next time.
+        device_map: e.g. ``"auto"``: spread the layers over every GPU (transformers'
+            ``device_map``; each layer's tensors then live on that layer's device and
+            ``device`` only sets the default dtype).
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode on ``device``; the
@@ -215,14 +219,17 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
         if gguf is not None:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch_dtype,
-                                                         local_files_only=True)
+                                                         local_files_only=True,
+                                                         **({"device_map": device_map} if device_map else {}))
             if cache:
                 _save_cache(model, tokenizer, _gguf_cache_folder(gguf), gguf)
         else:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True,
+                                                         **({"device_map": device_map} if device_map else {}))
     except (OSError, EnvironmentError) as err:
         raise ValueError(f"name_or_path: cannot load {name_or_path!r} from local files ({err})") from None
-    model.to(device)
+    if not device_map:
+        model.to(device)
     model.eval()
     return model, _finish_tokenizer(tokenizer)

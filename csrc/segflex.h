@@ -157,7 +157,8 @@ typedef struct {
  * lse (optional, float32) gets the natural log-sum-exp of each row's scores,
  * lse[b*lse_stride_b + h*lse_stride_h + q_start[b] + i]; a row with no
  * allowed key gets out = 0 and lse = -inf. Rows of q/out outside q_len[b]
- * are not touched. n_threads <= 0 lets OpenMP decide.
+ * are not touched. n_threads <= 0 lets OpenMP decide. layouts may be NULL:
+ * then every position is in the global tail (plain causal, no bias).
  */
 sf_status sf_attention_cpu(const sf_layouts *layouts, const sf_seqs *seqs,
                            const sf_attn_params *params, sf_tensor q, sf_tensor k, sf_tensor v,

@@ -530,16 +530,12 @@ def default_normalize(text: str) -> list[str]:
     return text.lower().split()
 
 
-def _contains(hay: Sequence[str], needle: Sequence[str]) -> bool:
-    n = len(needle)
-    return n > 0 and any(list(hay[i : i + n]) == list(needle) for i in range(len(hay) - n + 1))
-
-
 def partial_match(a: Sequence[str], b: Sequence[str]) -> bool:
     """Bidirectional partial match of two token sequences: equal, or one
     occurs as a contiguous run inside the other (an empty sequence matches
     only an empty one)."""
-    return list(a) == list(b) or _contains(a, b) or _contains(b, a)
+    from .evaluate import partial_match as lemma_match
+    return list(a) == list(b) or lemma_match(a, [b], bidirectional=True)
 
 
 def self_consistency(

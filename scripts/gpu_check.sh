@@ -42,7 +42,7 @@ fi
 
 if has test; then
     step tests
-    timeout 420 $PY -m pytest tests/test_gpu.py -q --maxfail=3 -p no:cacheprovider ${TESTK:+-k "$TESTK"} \
+    timeout 420 $PY -m pytest tests/test_gpu.py tests/test_gpu_generate.py -q --maxfail=3 -p no:cacheprovider ${TESTK:+-k "$TESTK"} \
         2>&1 | tee "$OUT/tests.log" | tail -25
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi

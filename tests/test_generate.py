@@ -418,3 +418,26 @@ def test_finished_rows_leave_the_batch_without_changing_results(model, tok, ques
         tokens, lengths, kinds, biases = reference_segments(q, "shared", -math.log(q.n))
         assert s[0].tokens == reference_greedy(model, tok, tokens, lengths, kinds, biases)
         assert f[0].tokens == reference_greedy(model, tok, prompts, combine=_fusion("avg"))
+
+
+def test_cuda_graphs_refused_for_cpu_models(model, tok, questions):
+    row = self_ensemble_row(questions[0])
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        generate_rows(model, tok, [row], max_new_tokens=2, cuda_graphs=True)
+
+
+def test_cache_fill_from_equals_repeat_rows():
+    from segflex.hf import SegmentCache
+
+    src = SegmentCache(2, 10)
+    src.begin_prefill(torch.tensor([4, 6]))
+    for layer in range(2):
+        src.update(torch.randn(2, 3, 6, 5), torch.randn(2, 3, 6, 5), layer)
+    src.advance()
+    dst = SegmentCache(2, 16)
+    dst.fill_from(src, 3)
+    src.repeat_rows(3)
+    assert torch.equal(dst.lens, src.lens)
+    for layer in range(2):
+        assert torch.equal(dst.keys[layer][:, :, :10], src.keys[layer])
+        assert torch.equal(dst.values[layer][:, :, :10], src.values[layer])

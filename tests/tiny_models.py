@@ -55,8 +55,10 @@ def tiny_tokenizer(vocab_size: int = 400):
 
 
 def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0, attn: str = "eager",
-               hidden: int = 96, heads: int = 6, kv_heads: int = 2, init: float = 0.2):
-    """A random-initialised causal LM of family ``arch`` (llama, qwen2, mistral), fp32, eval mode."""
+               hidden: int = 96, heads: int = 6, kv_heads: int = 2, init: float = 0.2,
+               head_dim: int | None = None):
+    """A random-initialised causal LM of family ``arch`` (llama, qwen2, mistral), fp32, eval mode.
+    ``head_dim`` defaults to hidden / heads (the CUDA kernels need 64 or 128)."""
     import transformers
 
     tok = tiny_tokenizer()
@@ -67,6 +69,7 @@ def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0, attn: str = 
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
+        head_dim=head_dim or hidden // heads,
         max_position_embeddings=1024,
         initializer_range=init,
         bos_token_id=tok.bos_token_id,

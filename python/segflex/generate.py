@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .graphs import decoder_for
 from .hf import SegmentCache, enable
 from .layout import SegmentLayout
 from .ops import pack
@@ -303,6 +304,19 @@ def _fuse(logits: torch.Tensor, group_of: torch.Tensor, n_groups: int, combine: 
 
 
 MIN_SHARED_PREFIX = 16
+CUDA_GRAPHS: Optional[bool] = None  # default of generate_rows(cuda_graphs=None): None = auto
+
+
+def _use_graphs(requested: Optional[bool], model: Any, device: torch.device) -> bool:
+    """CUDA graphs for the decode steps: on by default when the model sits on one CUDA device."""
+    requested = CUDA_GRAPHS if requested is None else requested
+    devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    one_device = len(devices) <= 1
+    if requested is None:
+        return device.type == "cuda" and one_device
+    if requested and (device.type != "cuda" or not one_device):
+        raise ValueError("cuda_graphs=True needs a model on a single CUDA device")
+    return bool(requested)
 
 
 def _causal_up_to(layout: SegmentLayout, n: int) -> bool:
@@ -358,6 +372,7 @@ def generate_rows(
     num_samples: int = 1,
     generator: Optional[torch.Generator] = None,
     stop: bool = True,
+    cuda_graphs: Optional[bool] = None,
 ) -> list[Generation]:
     """Generate for a batch of rows: one masked prefill, then KV-cached decode.
 
@@ -368,7 +383,9 @@ def generate_rows(
     row 0, then those of row 1, and so on. Returns one :class:`Generation` per
     group (or per sample). ``stop=False`` (or ``tokenizer=None``) generates
     exactly ``max_new_tokens`` tokens (benchmarks); without a tokenizer the
-    texts are empty.
+    texts are empty. ``cuda_graphs`` (default: on when the model sits on one CUDA
+    device) replays each decode step from a captured CUDA graph
+    (:mod:`segflex.graphs`); finished rows then stay in the batch.
     """
     if not rows:
         return []
@@ -399,7 +416,12 @@ def generate_rows(
     next_pos = pos[torch.arange(len(rows)), lengths - 1] + 1
     layouts = [r.layout for r in rows]
     table = pack(layouts, device)  # packed once, read by every layer and step
-    cache = SegmentCache(model.config.num_hidden_layers, int(lengths.max()) + max_new_tokens)
+    cache_len = int(lengths.max()) + max_new_tokens
+    graphed = None
+    if _use_graphs(cuda_graphs, model, device) and max_new_tokens > 1:
+        graphed = decoder_for(model, base, head, len(rows) * num_samples, cache_len)
+    cache = graphed.cache if graphed is not None and num_samples == 1 else \
+        SegmentCache(model.config.num_hidden_layers, cache_len)
     shared = _shared_prefix(rows)
     with enable(model):
         if shared:  # encode the common prefix once, copy its keys into every row
@@ -420,7 +442,11 @@ def generate_rows(
 
         # ---- samples share the prefill: repeat rows, caches and layouts
         if num_samples > 1:
-            cache.repeat_rows(num_samples)
+            if graphed is not None:
+                graphed.cache.fill_from(cache, num_samples)
+                cache = graphed.cache
+            else:
+                cache.repeat_rows(num_samples)
             logits = logits.repeat_interleave(num_samples, dim=0)
             next_pos = next_pos.repeat_interleave(num_samples)
             layouts = [lay for lay in layouts for _ in range(num_samples)]
@@ -431,9 +457,12 @@ def generate_rows(
         w = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
         stops, eos = _stop_ids(tokenizer, model, logits.shape[-1]) if stop else (set(), set())
         next_pos = next_pos.to(device)
+        if graphed is not None:
+            graphed.load_table(table)
+            graphed.start(cache.lens, next_pos)
 
-        # ---- decode: each group stops on its own; once half the rows are finished, the
-        # batch (cache, positions, layouts) shrinks to the rows still generating
+        # ---- decode: each group stops on its own; without graphs, once half the rows are
+        # finished the batch (cache, positions, layouts) shrinks to the rows still generating
         out: list[list[int]] = [[] for _ in range(n_groups)]
         done = [False] * n_groups
         row_group = group_t               # group of each row still in the batch
@@ -448,6 +477,9 @@ def generate_rows(
             if all(done) or step == max_new_tokens - 1:
                 break
             row_token = token if combine == "none" else token[row_group]
+            if graphed is not None:  # finished rows stay: the graph has fixed shapes
+                logits = graphed.step(row_token)
+                continue
             keep = [i for i, g in enumerate(row_group.tolist()) if not done[g]]
             if len(keep) <= len(row_group) // 2:
                 idx = torch.tensor(keep, device=device)

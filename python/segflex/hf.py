@@ -413,6 +413,7 @@ class SegmentCache:
         self._mode = "prefill"
         self._step = 1
         self._start: Optional[torch.Tensor] = None
+        self._index: Optional[torch.Tensor] = None
         self._offset = 0
 
     # -- engine side
@@ -435,6 +436,7 @@ class SegmentCache:
         self._mode, self._step = "decode", n_new
         self._pending = self.lens + n_new
         self._start = None  # write positions on the cache's device, made once per step
+        self._index = None
         return self._pending.to(torch.int32)
 
     def put_prefix(self, prefix: "SegmentCache", batch: int) -> None:
@@ -464,6 +466,25 @@ class SegmentCache:
         if self.lens is not None:
             self.lens = self.lens.repeat_interleave(repeats)
 
+    def fill_from(self, source: "SegmentCache", repeats: int = 1) -> None:
+        """Copies the keys, values and lengths of ``source`` into this cache's buffers (kept
+        where they exist), each row of ``source`` becoming ``repeats`` consecutive rows."""
+        if source.lens is None:
+            raise ValueError("fill_from: the source cache is empty")
+        n = int(source.lens.max())
+        if n > self.max_len:
+            raise ValueError(f"fill_from: {n} cached tokens do not fit max_len={self.max_len}")
+        for i in range(self.num_layers):
+            for mine, theirs in ((self.keys, source.keys), (self.values, source.values)):
+                src = theirs[i]
+                rows = src.shape[0] * repeats
+                if mine[i] is None or mine[i].shape[0] != rows:
+                    mine[i] = src.new_zeros((rows, src.shape[1], self.max_len, src.shape[3]))
+                view = mine[i].view(src.shape[0], repeats, *mine[i].shape[1:])
+                view[:, :, :, :n] = src[:, None, :, :n]
+        self.lens = source.lens.repeat_interleave(repeats)
+        self._pending, self._start = None, None
+
     def select_rows(self, index: torch.Tensor) -> None:
         """Keeps only the rows ``index`` (in that order): finished rows leave the batch."""
         for i in range(self.num_layers):
@@ -492,10 +513,11 @@ class SegmentCache:
             return (key, value) if o == 0 else (kbuf[:, :, :o + n], vbuf[:, :, :o + n])
         if self._start is None or self._start.device != key.device:
             self._start = self.lens.to(key.device)
-        rows, start = torch.arange(batch, device=key.device), self._start
-        for j in range(n):
-            kbuf[rows, :, start + j] = key[:, :, j]
-            vbuf[rows, :, start + j] = value[:, :, j]
+            self._index = None
+        if self._index is None:  # made by the first layer, used by all (the same shapes)
+            self._index = _write_index(self._start, heads, self.max_len, n)
+        kbuf.view(-1, dim).index_copy_(0, self._index, key.reshape(-1, dim))
+        vbuf.view(-1, dim).index_copy_(0, self._index, value.reshape(-1, dim))
         return kbuf, vbuf
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -515,6 +537,15 @@ class SegmentCache:
 
     def __len__(self) -> int:
         return self.num_layers
+
+
+def _write_index(start: torch.Tensor, heads: int, max_len: int, n: int) -> torch.Tensor:
+    """Rows of a [B*heads*max_len, D] view of a cache buffer where the n new tokens of every
+    (row b, head h) go: (b*heads + h)*max_len + start[b] + j, in the order of
+    key.reshape(-1, D) for a [B, heads, n, D] key."""
+    batch = start.shape[0]
+    bh = torch.arange(batch * heads, device=start.device).view(batch, heads, 1) * max_len
+    return (bh + start.view(batch, 1, 1) + torch.arange(n, device=start.device)).reshape(-1)
 
 
 register()

@@ -357,13 +357,20 @@ def _torch_loaded() -> bool:
 
 # ------------------------------------------------------------------------- torch ops
 _workspaces: dict = {}
+_outgrown: list = []
 
 
 def _workspace(device, nbytes: int):
-    """A reusable device buffer per device, grown when a call needs more."""
+    """A reusable device buffer per device, grown (doubling) when a call needs more.
+
+    An outgrown buffer is kept, never freed: a CUDA graph captured with it keeps writing to
+    its address at every replay."""
     import torch
     buf = _workspaces.get(device)
     if buf is None or buf.numel() < nbytes:
+        if buf is not None:
+            _outgrown.append(buf)
+            nbytes = max(nbytes, 2 * buf.numel())
         buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
         _workspaces[device] = buf
     return buf
@@ -380,7 +387,7 @@ def _register_torch_ops() -> None:
                      return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         table = LayoutTable(seg_ptr, seg_end, seg_kind, seg_bias, None, (0,) * (seg_ptr.shape[0] - 1))
         geo = _tensor_geometry(q, k, seg_ptr, seg_end, cu_seqlens_q, cu_seqlens_k, max_seqlen_q)
-        out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+        out = _new_out(q, geo.packed, zeros=True)
         lse = _empty_lse(q, geo.packed, return_lse)
         op, stream = (1, torch.cuda.current_stream(q.device).cuda_stream) if q.is_cuda else (0, 0)
         _call(op, table, geo, q, k, v, out, lse if return_lse else None, scale, q.shape[1],
@@ -390,7 +397,8 @@ def _register_torch_ops() -> None:
     @attention_op.register_fake
     def _(q, k, v, seg_ptr, seg_end, seg_kind, seg_bias, cu_seqlens_q, cu_seqlens_k,
           max_seqlen_q, scale, return_lse):
-        return torch.empty_like(q), _empty_lse(q, cu_seqlens_q is not None, return_lse)
+        packed = cu_seqlens_q is not None
+        return _new_out(q, packed, zeros=False), _empty_lse(q, packed, return_lse)
 
     @torch.library.custom_op("segflex::decode", mutates_args=())
     def decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -402,12 +410,11 @@ def _register_torch_ops() -> None:
         table = None
         if seg_ptr is not None:
             table = LayoutTable(seg_ptr, seg_end, seg_kind, seg_bias, None, (0,) * B)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        out = _new_out(q, False, zeros=False)
         lse = _empty_lse(q, False, return_lse)
-        i32 = torch.int32
-        zeros = torch.zeros(B, dtype=i32, device=q.device)
-        geo = _Geometry(zeros, torch.full((B,), n_new, dtype=i32, device=q.device), zeros,
-                        cache_lens.to(i32).contiguous(), n_new, packed=False)
+        zeros, news = _decode_rows(B, n_new, q.device)
+        geo = _Geometry(zeros, news, zeros, cache_lens.to(torch.int32).contiguous(), n_new,
+                        packed=False)
         if q.is_cuda:
             nbytes = _C.cuda_workspace_bytes(B, n_new, k_cache.shape[2], hq, k_cache.shape[1], D)
             ws = _workspace(q.device, nbytes)
@@ -423,7 +430,32 @@ def _register_torch_ops() -> None:
     @decode_op.register_fake
     def _(q, k_cache, v_cache, cache_lens, seg_ptr, seg_end, seg_kind, seg_bias, scale,
           return_lse):
-        return torch.empty_like(q), _empty_lse(q, False, return_lse)
+        return _new_out(q, False, zeros=False), _empty_lse(q, False, return_lse)
+
+
+def _new_out(q, packed: bool, zeros: bool):
+    """The output buffer. Padded outputs are [B, H, L, D] views of [B, L, H, D] memory: the
+    layout transformers wants next, so its transpose back costs no copy."""
+    import torch
+    make = torch.zeros if zeros else torch.empty
+    if packed:
+        return make(q.shape, dtype=q.dtype, device=q.device)
+    B, H, L, D = q.shape
+    return make((B, L, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+_row_constants: dict = {}
+
+
+def _decode_rows(batch: int, n_new: int, device):
+    """(q_start = k_start = 0, q_len = n_new) of a decode call: constants, made once (no
+    kernels per call, and safe to capture in a CUDA graph)."""
+    import torch
+    key = (batch, n_new, str(device))
+    if key not in _row_constants:
+        _row_constants[key] = (torch.zeros(batch, dtype=torch.int32, device=device),
+                               torch.full((batch,), n_new, dtype=torch.int32, device=device))
+    return _row_constants[key]
 
 
 def _empty_lse(q, packed: bool, wanted: bool):

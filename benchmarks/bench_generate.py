@@ -233,6 +233,7 @@ def main(argv=None) -> int:
             print(f"# {name} batch {batch}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             return
         rows.append((name, batch, sec, toks[0] if isinstance(toks[0], list) else toks))
+        print(f"# {name} batch {batch}: {sec * 1000 / batch:.2f} ms/question", file=sys.stderr, flush=True)
 
     run("seed-flex-eager", 1, lambda: seed_method(model, layout, tokens, positions, G, flex_attention, device),
         "bench_stock")

@@ -208,13 +208,15 @@ def test_prefill_self_ensemble_shapes(d, dt, ratio):
         check_close(out[0], ref, peer, f"segment length {seg}")
 
 
-def test_prefill_long_sequence_many_tiles():
-    """More key tiles than one planning round holds (over 1024 tiles of 64 keys)."""
+@pytest.mark.parametrize("d", [64, 128])
+def test_prefill_long_sequence_many_tiles(d):
+    """More key tiles than one planning round holds (73k keys: over 1024 tiles of 64 keys,
+    over 512 of 128)."""
     if QUICK:
         pytest.skip("large")
     lay = segflex.SegmentLayout([30000, 40000, 3000, 20], ["shared", "isolated", "isolated",
                                                          "global"], [0.0, -0.5, 0.3, 0.0])
-    n, d = len(lay), 64
+    n = len(lay)
     gen = torch.Generator(device="cuda").manual_seed(7)
     rows = 200  # the last rows only: the global tail sees every key
     q = randn(1, 2, rows, d, dtype=torch.bfloat16, gen=gen)
@@ -289,6 +291,29 @@ def test_decode_matches_reference(case, dt, with_bias):
         check_close(out[b], refs[b][0], peers[b], f"decode seq {b}")
         lse_err = (lse[b].double() - refs[b][1]).abs().max().item()
         assert lse_err <= 1e-2, f"lse error {lse_err}"
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("n_new", [1, 3])
+def test_decode_many_row_groups(d, n_new):
+    """Batch x kv heads larger than the GPU's SM count: the path that fills the chip with row
+    groups alone (one block per group, no split), with biases and ragged lengths."""
+    B, hkv, ratio = 20, 8, 3
+    rng = np.random.default_rng(d + n_new)
+    lens = [int(x) for x in rng.integers(n_new, 700, size=B)]
+    gen = torch.Generator(device="cuda").manual_seed(d * 10 + n_new)
+    s_max = max(lens) + 3
+    q = randn(B, hkv * ratio, n_new, d, dtype=torch.bfloat16, gen=gen)
+    kc = randn(B, hkv, s_max, d, dtype=torch.bfloat16, gen=gen)
+    vc = randn(B, hkv, s_max, d, dtype=torch.bfloat16, gen=gen)
+    for b, n in enumerate(lens):
+        kc[b, :, n:] = float("nan")
+        vc[b, :, n:] = float("nan")
+    lays = [bias_layout(n) for n in lens]
+    out = segflex.decode(q, kc, vc, torch.tensor(lens, dtype=torch.int32, device="cuda"), layouts=lays)
+    refs, peers = decode_reference(q, kc, vc, lens, lays, 1 / math.sqrt(d))
+    for b in range(B):
+        check_close(out[b], refs[b][0], peers[b], f"decode seq {b}")
 
 
 def test_decode_equals_prefill_last_rows():

@@ -15,8 +15,20 @@
  * on how much workspace the caller gives), never on the cache lengths, which
  * live on the device: a captured CUDA graph replays correctly when they change.
  * Keys at or past kv_len are never read.
+ *
+ * This file holds that first implementation and the entry points; decode_tma.cuh holds the
+ * second (copy-engine tile loads, splits merged by the last block, no second kernel). By
+ * default each call takes the one that measured faster for its shape (decode_impl below);
+ * SEGFLEX_DECODE_IMPL=old / =new force one, for A/B runs; the old one also serves caches a
+ * tensor map cannot describe. Policy below says how keys are split.
  */
 #include "common.cuh"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <type_traits>
 
 namespace sfcuda {
 namespace {
@@ -41,6 +53,7 @@ struct DecodeArgs {
     float *part_o;   /* [batch, heads_q, max_q, nsplit, D] */
     float *part_lse; /* [batch, heads_q, max_q, nsplit] */
     int heads_q, group, max_q, nsplit, row_chunks;
+    int ctr_base;   /* first arrival counter of this launch (splits merged in the kernel) */
     float scale_log2;
 };
 
@@ -50,6 +63,120 @@ template <int D> __host__ __device__ constexpr int smem_bytes()
 {
     return (pipe_bytes<D>() > merge_bytes<D>() ? pipe_bytes<D>() : merge_bytes<D>()) +
            SEG_CAP * 8;
+}
+
+/* ------------------------------------------------- splits merged by the last block */
+
+/* Arrival counters: one int per row group (batch x kv head x row chunk) of a launch.
+ * Launches take consecutive slices of the pool, so launches in flight at the same time on
+ * different streams use different counters. The array starts at zero and the merging block
+ * sets its counter back to zero, so each launch, and each replay of a captured graph,
+ * finds its counters at zero. */
+constexpr int TM_POOL = 16384;
+__device__ int g_arrivals[TM_POOL];
+
+/* Merges the nsplit partial results of one row (b, h, t) and writes the output row: one
+ * warp, lanes holding the splits' log-sum-exps (split s in lane s % 32) and each lane
+ * D/32 output elements. Every split of the grid wrote its partial row (an empty split:
+ * zeros and -inf), so all loads are unconditional and issued 32 splits at a time, before
+ * the weights are known: a merge of up to 32 splits costs one round trip to L2. Loads go
+ * to L2 (.cg): the partials were written by other blocks of this grid. */
+template <typename T, int D>
+__device__ __forceinline__ void merge_row(const DecodeArgs &a, int b, int h, int t, int q_start,
+                                          int lane)
+{
+    constexpr int E = D / 32;
+    typedef typename std::conditional<E == 4, float4, float2>::type Vec;
+    constexpr int BATCH = 32;
+    const int64_t row_id = ((int64_t)b * a.heads_q + h) * a.max_q + t;
+    const float *pl = a.part_lse + row_id * a.nsplit;
+    const float *po = a.part_o + row_id * a.nsplit * D + lane * E;
+    const float l0 = lane < a.nsplit ? __ldcg(pl + lane) : -INFINITY;
+    const float l1 = lane + 32 < a.nsplit ? __ldcg(pl + lane + 32) : -INFINITY;
+    Vec x[BATCH];
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j)
+        if (j < a.nsplit) x[j] = __ldcg(reinterpret_cast<const Vec *>(po + (int64_t)j * D));
+
+    float mx = fmaxf(l0, l1);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float w0 = (mx == -INFINITY || l0 == -INFINITY) ? 0.f : __expf(l0 - mx);
+    const float w1 = (mx == -INFINITY || l1 == -INFINITY) ? 0.f : __expf(l1 - mx);
+    float sum = w0 + w1;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+
+    float acc[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] = 0.f;
+    for (int s0 = 0; s0 < a.nsplit; s0 += BATCH) {
+        if (s0 > 0) { /* splits 32.. (at most 64 in all) */
+#pragma unroll
+            for (int j = 0; j < BATCH; ++j)
+                if (s0 + j < a.nsplit)
+                    x[j] = __ldcg(reinterpret_cast<const Vec *>(po + (int64_t)(s0 + j) * D));
+        }
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+            if (s0 + j < a.nsplit) { /* uniform over the warp */
+                const float w = __shfl_sync(0xffffffffu, s0 == 0 ? w0 : w1, j);
+                if constexpr (E == 4) {
+                    acc[0] += w * x[j].x; acc[1] += w * x[j].y;
+                    acc[2] += w * x[j].z; acc[3] += w * x[j].w;
+                } else {
+                    acc[0] += w * x[j].x; acc[1] += w * x[j].y;
+                }
+            }
+        }
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + t) * a.o_st + lane * E;
+    if constexpr (E == 4) {
+        uint2 pk;
+        pk.x = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
+        pk.y = Pack2<T>::pack(acc[2] * inv, acc[3] * inv);
+        *reinterpret_cast<uint2 *>(orow) = pk;
+    } else {
+        *reinterpret_cast<uint32_t *>(orow) = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
+    }
+    if (a.lse != nullptr && lane == 0)
+        a.lse[b * a.lse_sb + h * a.lse_sh + q_start + t] = sum > 0.f ? mx + logf(sum) : -INFINITY;
+}
+
+/* Called by every thread of a block after it wrote its split's partial rows: the block that
+ * brings its row group's counter to nsplit merges the group's rows. Each writer's fence
+ * (release, device scope) orders its partial results before the block's arrival; the
+ * merging block's fence (acquire) orders its reads after it. s_last: one shared int. */
+template <typename T, int D>
+__device__ __forceinline__ void merge_if_last(const DecodeArgs &a, int rows, int rc, int hk, int b,
+                                              int q_len, int q_start, int *s_last)
+{
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+    __syncthreads();
+    int *counter = &g_arrivals[a.ctr_base + blockIdx.z * gridDim.y + blockIdx.y];
+    if (tid == 0) *s_last = atomicAdd(counter, 1) == a.nsplit - 1;
+    __syncthreads();
+    if (!*s_last) return;
+    asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+    for (int lr = warp; lr < rows; lr += blockDim.x / 32) {
+        const int rr = rc * ROWS_PER_BLOCK + lr;
+        const int gi = rr / a.max_q, t = rr % a.max_q;
+        if (t < q_len) merge_row<T, D>(a, b, hk * a.group + gi, t, q_start, lane);
+    }
+    /* every block of the group has arrived: reset for the next launch or graph replay */
+    if (tid == 0) *counter = 0;
+}
+
+/* First counter of a launch's slice: consecutive launches take consecutive slices. */
+int take_counters(int groups)
+{
+    static unsigned int cursor = 0;
+    unsigned int base = __atomic_fetch_add(&cursor, (unsigned int)groups, __ATOMIC_RELAXED);
+    base %= (unsigned int)TM_POOL;
+    if (base + (unsigned int)groups > (unsigned int)TM_POOL) base = 0;
+    return (int)base;
 }
 
 template <typename T, int D>
@@ -251,41 +378,42 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
         *reinterpret_cast<float4 *>(s_ml + (warp * 32 + lane) * 4) =
             make_float4(m[0], m[1], l[0], l[1]);
         __syncthreads();
-        if (kg != 0) return;
-        float mm[2] = {m[0], m[1]};
-        for (int w = warp + rg_count; w < 4; w += rg_count) {
-            float4 ml = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
-            mm[0] = fmaxf(mm[0], ml.x);
-            mm[1] = fmaxf(mm[1], ml.y);
-        }
-        float f0 = mm[0] == -INFINITY ? 0.f : fast_exp2(m[0] - mm[0]);
-        float f1 = mm[1] == -INFINITY ? 0.f : fast_exp2(m[1] - mm[1]);
-        l[0] *= f0;
-        l[1] *= f1;
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            o[n][0] *= f0; o[n][1] *= f0; o[n][2] *= f1; o[n][3] *= f1;
-        }
-        for (int w = warp + rg_count; w < 4; w += rg_count) {
-            float4 ml = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
-            float e0 = mm[0] == -INFINITY ? 0.f : fast_exp2(ml.x - mm[0]);
-            float e1 = mm[1] == -INFINITY ? 0.f : fast_exp2(ml.y - mm[1]);
-            l[0] += ml.z * e0;
-            l[1] += ml.w * e1;
+        if (kg == 0) {
+            float mm[2] = {m[0], m[1]};
+            for (int w = warp + rg_count; w < 4; w += rg_count) {
+                float4 ml = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
+                mm[0] = fmaxf(mm[0], ml.x);
+                mm[1] = fmaxf(mm[1], ml.y);
+            }
+            float f0 = mm[0] == -INFINITY ? 0.f : fast_exp2(m[0] - mm[0]);
+            float f1 = mm[1] == -INFINITY ? 0.f : fast_exp2(m[1] - mm[1]);
+            l[0] *= f0;
+            l[1] *= f1;
 #pragma unroll
             for (int n = 0; n < D / 8; ++n) {
-                float4 x = *reinterpret_cast<const float4 *>(s_o + ((w * (D / 8) + n) * 32 + lane) * 4);
-                o[n][0] += x.x * e0; o[n][1] += x.y * e0; o[n][2] += x.z * e1; o[n][3] += x.w * e1;
+                o[n][0] *= f0; o[n][1] *= f0; o[n][2] *= f1; o[n][3] *= f1;
             }
+            for (int w = warp + rg_count; w < 4; w += rg_count) {
+                float4 ml = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
+                float e0 = mm[0] == -INFINITY ? 0.f : fast_exp2(ml.x - mm[0]);
+                float e1 = mm[1] == -INFINITY ? 0.f : fast_exp2(ml.y - mm[1]);
+                l[0] += ml.z * e0;
+                l[1] += ml.w * e1;
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n) {
+                    float4 x = *reinterpret_cast<const float4 *>(s_o + ((w * (D / 8) + n) * 32 + lane) * 4);
+                    o[n][0] += x.x * e0; o[n][1] += x.y * e0; o[n][2] += x.z * e1; o[n][3] += x.w * e1;
+                }
+            }
+            m[0] = mm[0];
+            m[1] = mm[1];
         }
-        m[0] = mm[0];
-        m[1] = mm[1];
     }
 
     /* write: the final result (one split) or this split's partial result */
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        if (!valid[r]) continue;
+        if (!valid[r] || kg != 0) continue;
         const int h = hrow[r], t = trow[r];
         float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
         float lse_v = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
@@ -382,13 +510,56 @@ int row_chunks(const sf_attn_params *p, int max_q)
     return (rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
 }
 
-/* Splits that fill the chip: two blocks per multiprocessor. */
-int wanted_splits(int batch, const sf_attn_params *p, int max_q)
+/*
+ * Launch policy of decode_kernel, and which kernel runs when the row groups alone fill the
+ * chip. Chosen from one H100 run that timed four policies against SDPA (24 q / 8 kv heads,
+ * d = 128, bf16, one new token, CUDA-graph replay medians, us):
+ *
+ *     blocks/SM, tiles/split, merge    1 x 256  1 x 2k  1 x 8k  1 x 32k  32 x 2k
+ *     2 (up), >= 4, combine kernel         6.4     8.6    13.7     53.5     93.0
+ *     1 (down), >= 2, combine kernel       6.7     8.5    12.8     50.9     92.6
+ *     2 (up), >= 4, merged in kernel       6.1     9.2    12.9     54.6     92.2
+ *     1 (down), >= 2, merged in kernel     7.5     8.5    12.5     51.2     92.7
+ *     SDPA (same runs)                 6.2-6.3 7.7-7.9 12.0-12.2 51.5-51.8 91.4-92.0
+ *
+ * One block per multiprocessor streams long caches best (the second block only adds
+ * merge work: 32k reads at 2.64 TB/s against 2.51), and a split shorter than 4 tiles
+ * costs more in merging than its parallelism brings (256 keys: one split, 6.4 us, against
+ * two, 6.7 / 7.5 us). The in-kernel merge showed no consistent gain (and a loss at 2k and
+ * 256 with splits), so a second kernel merges. Run-to-run spread is about 0.3 us.
+ */
+struct Policy {
+    int per_sm;     /* blocks per multiprocessor the splits aim at */
+    int round_up;   /* 1: at least per_sm blocks per SM; 0: at most per_sm blocks per SM */
+    int min_tiles;  /* fewest 64-key tiles per split (applied through the workspace size) */
+    int wide_tma;   /* row groups >= SMs: 1 = decode_tma_kernel, 0 = decode_kernel */
+};
+constexpr Policy kPolicy = {1, 0, 4, 1};
+
+const Policy &policy() { return kPolicy; }
+
+/* Row groups of a launch: the blocks one split of the keys needs. */
+int64_t row_groups(int batch, const sf_attn_params *p, int max_q)
 {
-    int64_t blocks = (int64_t)batch * p->heads_kv * row_chunks(p, max_q);
-    int64_t target = 2 * (int64_t)sm_count();
-    int64_t s = (target + blocks - 1) / blocks;
+    return (int64_t)batch * p->heads_kv * row_chunks(p, max_q);
+}
+
+/* Splits of decode_kernel: the policy's blocks per multiprocessor and, when the longest
+ * cache is known (max_kv_len > 0, workspace sizing), at least min_tiles tiles per split:
+ * below that the merge and the per-block start-up cost more than the parallelism brings.
+ * The launch passes 0 and is held to the workspace size, which carries that cap. */
+int old_splits(int batch, const sf_attn_params *p, int max_q, int max_kv_len)
+{
+    const Policy &pol = policy();
+    const int64_t groups = row_groups(batch, p, max_q);
+    const int64_t target = (int64_t)pol.per_sm * sm_count();
+    int64_t s = (target + (pol.round_up ? groups - 1 : 0)) / groups;
     if (s > MAX_SPLITS) s = MAX_SPLITS;
+    if (max_kv_len > 0) {
+        const int64_t span = (int64_t)pol.min_tiles * BN;
+        const int64_t useful = ((int64_t)max_kv_len + span - 1) / span;
+        if (s > useful) s = useful;
+    }
     return s < 1 ? 1 : (int)s;
 }
 
@@ -398,7 +569,7 @@ size_t bytes_per_split(int batch, int max_q, const sf_attn_params *p)
 }
 
 template <typename T, int D>
-sf_status launch(const DecodeArgs &a, int heads_kv, int batch, cudaStream_t stream)
+sf_status launch(DecodeArgs a, int heads_kv, int batch, cudaStream_t stream)
 {
     constexpr int bytes = smem_bytes<D>();
     /* the shared-memory limit is raised once per device (a host-side setting, legal while
@@ -440,6 +611,64 @@ sf_status launch(const DecodeArgs &a, int heads_kv, int batch, cudaStream_t stre
 } // namespace
 } // namespace sfcuda
 
+#include "decode_tma.cuh"
+
+namespace sfcuda {
+namespace {
+
+/*
+ * Which implementation runs. SEGFLEX_DECODE_IMPL (read once per process, so that the
+ * workspace size and the launch always agree): =old selects decode_kernel everywhere; =new
+ * selects decode_tma_kernel strictly (a cache it cannot take is an argument error, never a
+ * silent fallback); unset (the default) picks per call from the shape, on sm_90 and later
+ * (older devices: the old kernel).
+ *
+ * The default's rule, from one H100 run (24 q / 8 kv heads, d = 128, bf16, one new token,
+ * CUDA-graph replay medians, us; new = decode_tma_kernel, old = decode_kernel):
+ *
+ *     batch x cache   1 x 256   1 x 2k   1 x 8k   1 x 32k   32 x 2k
+ *     new                 7.5      9.5     15.5      54.5      92.7
+ *     old                 6.2      8.5     13.8      53.6      97.3
+ *     SDPA                6.3      7.8     12.3      51.3      91.6
+ *
+ * At batch 1 the 8 row groups need ~33 splits to fill the chip, and the old kernel (a few
+ * tiles per split, merged by a second kernel) is ahead at every cache length. At batch 32
+ * the 256 row groups fill the chip unsplit: the TMA kernel streams each group in one block
+ * (one wave, no merge) while the old kernel, aiming at two blocks per multiprocessor, takes
+ * two splits, two waves and a combine kernel. So: the TMA kernel when the row groups alone
+ * reach one per multiprocessor (the policy's wide_tma may override), the old kernel below,
+ * and the old kernel too for caches a tensor map cannot describe.
+ */
+enum { IMPL_OLD = 0, IMPL_AUTO = 1, IMPL_TMA_STRICT = 2 };
+int decode_impl()
+{
+    static const int impl = [] {
+        const char *e = getenv("SEGFLEX_DECODE_IMPL");
+        if (e != nullptr && strcmp(e, "old") == 0) return (int)IMPL_OLD;
+        if (e != nullptr && strcmp(e, "new") == 0) return (int)IMPL_TMA_STRICT;
+        int dev = 0, major = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+            cudaGetLastError();
+            return (int)IMPL_OLD;
+        }
+        return major >= 9 ? (int)IMPL_AUTO : (int)IMPL_OLD;
+    }();
+    return impl;
+}
+
+/* Whether a call of this shape goes to decode_tma_kernel: depends only on the batch, the
+ * heads, the new tokens and the chip, so the workspace query and the launch agree. */
+bool use_tma(int batch, const sf_attn_params *p, int max_q)
+{
+    const int impl = decode_impl();
+    if (impl != IMPL_AUTO) return impl == IMPL_TMA_STRICT;
+    return policy().wide_tma && row_groups(batch, p, max_q) >= sm_count();
+}
+
+} // namespace
+} // namespace sfcuda
+
 using namespace sfcuda;
 
 extern "C" size_t sf_cuda_workspace_bytes(int32_t batch, int32_t max_q_len, int32_t max_kv_len,
@@ -448,15 +677,10 @@ extern "C" size_t sf_cuda_workspace_bytes(int32_t batch, int32_t max_q_len, int3
     if (params == nullptr || batch <= 0 || max_q_len <= 0 || params->heads_kv <= 0 ||
         params->heads_q <= 0 || params->heads_q % params->heads_kv != 0)
         return 0;
-    int s = wanted_splits(batch, params, max_q_len);
-    if (max_kv_len > 0) {
-        /* A split should stream at least 4 tiles: below that, the extra merge kernel and
-         * the per-block start-up cost more than the parallelism brings. */
-        int useful = (max_kv_len + 4 * BN - 1) / (4 * BN);
-        if (s > useful) s = useful;
-    }
-    if (s <= 1) return 0;
-    return (size_t)s * bytes_per_split(batch, max_q_len, params);
+    const int s = use_tma(batch, params, max_q_len)
+                      ? tma_splits(batch, params, max_q_len, max_kv_len)
+                      : old_splits(batch, params, max_q_len, max_kv_len);
+    return s <= 1 ? 0 : (size_t)s * bytes_per_split(batch, max_q_len, params);
 }
 
 extern "C" sf_status sf_cuda_decode(const sf_layouts *layouts, const sf_seqs *seqs,
@@ -505,20 +729,37 @@ extern "C" sf_status sf_cuda_decode(const sf_layouts *layouts, const sf_seqs *se
     a.row_chunks = row_chunks(params, seqs->max_q_len);
     a.scale_log2 = params->scale * kLog2e;
 
-    /* As many splits as wanted and as the workspace holds (one needs none). */
-    int s = wanted_splits(seqs->batch, params, seqs->max_q_len);
-    size_t per = bytes_per_split(seqs->batch, seqs->max_q_len, params);
-    size_t fit = workspace == nullptr ? 0 : workspace_bytes / per;
-    if ((size_t)s > fit) s = (int)fit;
-    if (s < 2 || ((uintptr_t)workspace % 16) != 0) s = 1;
-    a.nsplit = s;
     a.part_o = (float *)workspace;
-    a.part_lse = a.part_o + (size_t)s * seqs->batch * params->heads_q * seqs->max_q_len *
-                                params->head_dim;
+    a.ctr_base = 0;
     if ((int64_t)a.row_chunks * params->heads_kv > 65535) return SF_ERR_ARGUMENT;
+    const size_t per = bytes_per_split(seqs->batch, seqs->max_q_len, params);
+    const size_t fit =
+        workspace == nullptr || ((uintptr_t)workspace % 16) != 0 ? 0 : workspace_bytes / per;
+    /* As many splits as wanted and as the workspace holds (one needs none); the partial
+     * log-sum-exps follow the partial outputs. */
+    auto set_splits = [&](int s) {
+        if ((size_t)s > fit) s = (int)fit;
+        if (s < 2) s = 1;
+        a.nsplit = s;
+        a.part_lse = a.part_o + (size_t)s * seqs->batch * params->heads_q * seqs->max_q_len *
+                                    params->head_dim;
+    };
 
     cudaStream_t st = (cudaStream_t)stream;
     const bool bf = params->dtype == SF_BFLOAT16;
+    if (use_tma(seqs->batch, params, seqs->max_q_len)) {
+        set_splits(tma_splits(seqs->batch, params, seqs->max_q_len, 0));
+        sf_status r;
+        if (params->head_dim == 64)
+            r = bf ? launch_tma<__nv_bfloat16, 64>(a, params->heads_kv, seqs->batch, st)
+                   : launch_tma<__half, 64>(a, params->heads_kv, seqs->batch, st);
+        else
+            r = bf ? launch_tma<__nv_bfloat16, 128>(a, params->heads_kv, seqs->batch, st)
+                   : launch_tma<__half, 128>(a, params->heads_kv, seqs->batch, st);
+        if (r != SF_ERR_ARGUMENT || decode_impl() == IMPL_TMA_STRICT) return r;
+        /* K or V has no tensor-map description (odd strides): the old kernel serves it */
+    }
+    set_splits(old_splits(seqs->batch, params, seqs->max_q_len, 0));
     if (params->head_dim == 64)
         return bf ? launch<__nv_bfloat16, 64>(a, params->heads_kv, seqs->batch, st)
                   : launch<__half, 64>(a, params->heads_kv, seqs->batch, st);

@@ -1,0 +1,566 @@
+/*
+ * decode_tma.cuh - the decode kernel that streams K/V with the tensor copy engine (TMA)
+ * and merges its splits itself (included by decode.cu, which holds DecodeArgs, the old
+ * kernel and the entry points).
+ *
+ * What differs from decode_kernel (decode.cu):
+ *
+ *  - A full tile of 64 keys arrives by cp.async.bulk.tensor: one instruction per 64 rows x
+ *    64 columns box (4 per tile at d = 128: K and V, two column halves each), issued by one
+ *    thread, swizzled by the engine (16-byte chunk c of row r lands at chunk c ^ (r % 8) of
+ *    its 128-byte line, so the 8 rows an ldmatrix reads fall in distinct banks), completing
+ *    on an mbarrier per pipeline stage with a byte count. The copy engine, not the
+ *    load/store unit, tracks the bytes in flight. The box never leaves the split's keys, so
+ *    no key at or past kv_len is read. The one partial tile a sequence can have (its last)
+ *    comes by cp.async into the same swizzled layout, rows past kv_len zero-filled.
+ *  - Keys are dealt to splits a tile at a time, evenly, from the device-side cache length:
+ *    at 2k keys and batch 1 each of the 256 blocks gets one tile, so the chain of dependent
+ *    steps in a block is one tile long.
+ *  - The splits of a row group are merged by the block that finishes last (an arrival
+ *    counter per row group, merge_if_last in decode.cu): no second kernel, and at large
+ *    caches the merge of one head overlaps the streaming of the others.
+ *  - The grid is a programmatic dependent of the previous kernel in the stream: it is
+ *    scheduled while that kernel drains and waits (griddepcontrol.wait) before its first
+ *    access to global memory.
+ *
+ * The tensor maps describe K and V as 2-D [rows, D] arrays of 16-bit elements: row
+ * b*stride_b/stride_t + h*stride_h/stride_t + k_start + key holds key `key` of sequence b,
+ * head h. The host builds them per call (their addresses and strides are baked into a
+ * captured graph like any kernel argument).
+ */
+#include <cuda.h> /* CUtensorMap and its enums only; the encoder comes from the runtime */
+
+namespace sfcuda {
+namespace {
+
+constexpr int TM_THREADS = 128;
+constexpr int TM_STAGES = 3;
+constexpr int TM_SEG_CAP = 1024;
+constexpr int TM_BOX = 64;             /* box: 64 rows x 64 columns (128 bytes, one swizzle span) */
+constexpr int TM_HALF = TM_BOX * 128;  /* bytes of one box in shared memory */
+
+template <int D> __host__ __device__ constexpr int tm_kv_bytes() { return BN * D * 2; } /* K or V tile */
+template <int D> __host__ __device__ constexpr int tm_stage() { return 2 * tm_kv_bytes<D>(); }
+/* 1024 bytes of slack to align the stages (the swizzle pattern follows address bits 4-9) |
+ * stages | per-stage key biases | segment table (ends, biases) | one mbarrier per stage */
+template <int D> __host__ __device__ constexpr int tm_off_bias() { return TM_STAGES * tm_stage<D>(); }
+template <int D> __host__ __device__ constexpr int tm_off_seg() { return tm_off_bias<D>() + TM_STAGES * BN * 4; }
+template <int D> __host__ __device__ constexpr int tm_off_bar() { return tm_off_seg<D>() + TM_SEG_CAP * 8; }
+template <int D> __host__ __device__ constexpr int tm_smem() { return 1024 + tm_off_bar<D>() + TM_STAGES * 8 + 8; }
+static_assert(tm_smem<128>() <= (233472 - 2 * 1024) / 2 - 128, "two blocks per multiprocessor");
+static_assert(4 * (16 * 128 * 4 + 32 * 4 * 4) <= TM_STAGES * tm_stage<128>(), "warp merge area fits");
+static_assert(tm_off_bar<64>() % 8 == 0 && tm_off_bar<128>() % 8 == 0, "mbarrier alignment");
+
+/* Shared-memory offset of 16-byte chunk `ch` (of D/8) of row `row` in a K or V tile: column
+ * half ch / 8 is one 64-row box, each row one 128-byte line, chunks permuted as the copy
+ * engine's 128-byte swizzle places them. */
+__device__ __forceinline__ uint32_t tm_off(int row, int ch)
+{
+    return (uint32_t)((ch >> 3) * TM_HALF + row * 128 + (((ch & 7) ^ (row & 7)) << 4));
+}
+
+/* ------------------------------------------------------------ mbarrier / tensor copies */
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+/* One arrival that also announces `bytes` to be delivered by copies into this phase. */
+__device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+
+/* A plain arrival (release: this thread's earlier shared-memory writes are visible to the
+ * threads that wait for the phase). */
+__device__ __forceinline__ void mbar_arrive(uint32_t bar)
+{
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+/* Spins until the phase with the given parity has completed (acquire: the copied bytes and
+ * the writes released by the arrivals are visible afterwards). */
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity)
+{
+    uint32_t done;
+    do {
+        asm volatile("{\n\t.reg .pred p;\n\t"
+                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+                     "selp.u32 %0, 1, 0, p;\n\t}\n"
+                     : "=r"(done)
+                     : "r"(bar), "r"(parity)
+                     : "memory");
+    } while (!done);
+}
+
+/* One box (64 columns from column c0, 64 rows from row r0) of a 2-D tensor map into shared
+ * memory at dst (1024-byte aligned); completion counted in bytes on the mbarrier. */
+__device__ __forceinline__ void tma_box(uint32_t dst, const CUtensorMap *map, int c0, int r0,
+                                        uint32_t bar)
+{
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+        "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(r0), "r"(bar)
+        : "memory");
+}
+
+__device__ __forceinline__ void tma_prefetch_map(const CUtensorMap *map)
+{
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+/* ------------------------------------------------------------------------ the kernel */
+
+/* Row offsets of the tensor maps: row of key 0 of (b, h) is b * rb + h * rh + k_start[b]. */
+struct TmaRows {
+    int64_t k_rb, k_rh, v_rb, v_rh;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(TM_THREADS, 2)
+    decode_tma_kernel(const DecodeArgs a, const TmaRows rows_of, const __grid_constant__ CUtensorMap kmap,
+                      const __grid_constant__ CUtensorMap vmap)
+{
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+
+    /* the maps are kernel parameters, not data of an earlier kernel: fetch them early */
+    if (threadIdx.x == 0) {
+        tma_prefetch_map(&kmap);
+        tma_prefetch_map(&vmap);
+    }
+    /* Launched as a programmatic dependent: everything read or written below may belong to
+     * the previous kernel of the stream (the new K/V rows, the lengths), so wait for it
+     * before the first global access. (No-op for an ordinary launch.) */
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+
+    /* stages 1024-byte aligned, whatever the alignment of the dynamic area */
+    const uint32_t raw_addr = smem_addr(smem_raw);
+    uint8_t *smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);
+    const uint32_t sbase = smem_addr(smem);
+
+    const int split = blockIdx.x;
+    const int hk = blockIdx.y / a.row_chunks, rc = blockIdx.y % a.row_chunks;
+    const int b = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, c4 = lane & 3;
+
+    const int q_len = a.q_len[b], kv_len = a.kv_len[b];
+    const int q_start = a.q_start[b], k_start = a.k_start[b];
+    const int rows_total = a.group * a.max_q;
+    const int rows = min(ROWS_PER_BLOCK, rows_total - rc * ROWS_PER_BLOCK);
+    const int rg_count = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
+    const int kg_count = 4 / rg_count;
+    const int rg = warp % rg_count, kg = warp / rg_count;
+
+    /* this split's tiles: [t0, t1) of the sequence's ceil(kv_len / BN), dealt evenly */
+    const int ntiles_all = (kv_len + BN - 1) / BN;
+    const int t0 = (int)((int64_t)split * ntiles_all / a.nsplit);
+    const int t1 = (int)((int64_t)(split + 1) * ntiles_all / a.nsplit);
+    const int kbeg = t0 * BN;
+    const int kend = min(t1 * BN, kv_len);
+
+    /* this thread's two rows */
+    int hrow[2], trow[2], pos[2];
+    bool valid[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        int lr = rg * 16 + g + r * 8;
+        int rr = rc * ROWS_PER_BLOCK + lr;
+        int gi = rr / a.max_q, t = rr % a.max_q;
+        valid[r] = lr < rows && t < q_len;
+        hrow[r] = hk * a.group + gi;
+        trow[r] = t;
+        pos[r] = kv_len - q_len + t;
+    }
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+
+    constexpr int STAGE = tm_stage<D>();
+    constexpr int KVB = tm_kv_bytes<D>();
+    float *s_kbias = reinterpret_cast<float *>(smem + tm_off_bias<D>()); /* [stage][BN] */
+    int32_t *s_end = reinterpret_cast<int32_t *>(smem + tm_off_seg<D>());
+    float *s_sbias = reinterpret_cast<float *>(s_end + TM_SEG_CAP);
+    const uint32_t s_bar = sbase + tm_off_bar<D>();
+    int *s_last = reinterpret_cast<int *>(smem + tm_off_bar<D>() + TM_STAGES * 8);
+
+    if (kbeg < kend) {
+        /* Q fragments straight from global memory (rows padded with zeros) */
+        uint32_t qf[D / 16][4];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const uint16_t *qrow =
+                a.q + b * a.q_sb + hrow[r] * a.q_sh + (int64_t)(q_start + trow[r]) * a.q_st;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                uint32_t lo = 0, hi = 0;
+                if (valid[r]) {
+                    lo = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 2 * c4);
+                    hi = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 8 + 2 * c4);
+                }
+                qf[kk][r] = lo;
+                qf[kk][2 + r] = hi;
+            }
+        }
+
+        /* per-key biases: segment table staged in shared memory when small */
+        SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
+        const bool has_bias = view.bias != nullptr && view.n > 0;
+        if (has_bias && view.n <= TM_SEG_CAP) {
+            for (int s = tid; s < view.n; s += TM_THREADS) {
+                s_end[s] = view.end[s];
+                s_sbias[s] = view.bias[s];
+            }
+            view.end = s_end;
+            view.bias = s_sbias;
+        }
+
+        const int nkeys = kend - kbeg;
+        const int ntiles = t1 - t0;
+        /* only a sequence's last tile can hold fewer than BN keys */
+        const bool last_partial = nkeys - (ntiles - 1) * BN < BN;
+        const int64_t krow0 = b * rows_of.k_rb + hk * rows_of.k_rh + k_start + kbeg;
+        const int64_t vrow0 = b * rows_of.v_rb + hk * rows_of.v_rh + k_start + kbeg;
+
+        if (tid == 0) {
+#pragma unroll
+            for (int s = 0; s < TM_STAGES; ++s) mbar_init(s_bar + 8 * s, 32); /* warp 0 */
+            /* the barriers' initial state must be visible to the copy engine */
+            asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        }
+        __syncthreads(); /* barriers initialised, staged table visible */
+
+        /* Tile t goes to stage t % TM_STAGES. Called by every thread. Warp 0 writes the
+         * per-key biases; a full tile then gets warp 0's 32 arrivals (lane 0's announcing
+         * the bytes to come; each a release, so the biases are visible to whoever waits for
+         * the phase) and lane 0's box copies. The partial last tile is copied by all threads
+         * with cp.async (zero-filled past kend) and waited for with cp.async.wait_all. */
+        auto issue = [&](int t) {
+            const int st = t % TM_STAGES;
+            const uint32_t sk = sbase + st * STAGE, sv = sk + KVB;
+            if (has_bias && warp == 0) {
+#pragma unroll
+                for (int i = 0; i < BN / 32; ++i) {
+                    const int col = lane + 32 * i;
+                    const int key = kbeg + t * BN + col;
+                    s_kbias[st * BN + col] = key < kend ? view.bias_of(view.seg(key)) * kLog2e : 0.f;
+                }
+            }
+            if (!(last_partial && t == ntiles - 1)) {
+                if (warp == 0) {
+                    const uint32_t bar = s_bar + 8 * st;
+                    if (lane == 0) mbar_arrive_expect(bar, (uint32_t)(2 * KVB));
+                    else mbar_arrive(bar);
+                    if (lane == 0) {
+                        const int kr = (int)(krow0 + (int64_t)t * BN);
+                        const int vr = (int)(vrow0 + (int64_t)t * BN);
+#pragma unroll
+                        for (int h = 0; h < D / 64; ++h) {
+                            tma_box(sk + h * TM_HALF, &kmap, h * 64, kr, bar);
+                            tma_box(sv + h * TM_HALF, &vmap, h * 64, vr, bar);
+                        }
+                    }
+                }
+            } else {
+                constexpr int CH = D / 8;
+                const int nrows = nkeys - t * BN;
+                const uint16_t *ksrc = a.k + b * a.k_sb + hk * a.k_sh + (int64_t)(k_start + kbeg + t * BN) * a.k_st;
+                const uint16_t *vsrc = a.v + b * a.v_sb + hk * a.v_sh + (int64_t)(k_start + kbeg + t * BN) * a.v_st;
+#pragma unroll
+                for (int i = 0; i < BN * CH / TM_THREADS; ++i) {
+                    const int idx = tid + i * TM_THREADS;
+                    const int row = idx / CH, ch = idx % CH;
+                    const bool ok = row < nrows;
+                    const uint32_t off = tm_off(row, ch);
+                    cp_async16(sk + off, ok ? ksrc + (int64_t)row * a.k_st + ch * 8 : ksrc, ok);
+                    cp_async16(sv + off, ok ? vsrc + (int64_t)row * a.v_st + ch * 8 : vsrc, ok);
+                }
+                cp_async_commit();
+            }
+        };
+#pragma unroll
+        for (int t = 0; t < TM_STAGES - 1; ++t)
+            if (t < ntiles) issue(t);
+
+        for (int t = 0; t < ntiles; ++t) {
+            if (t + TM_STAGES - 1 < ntiles) {
+                /* every warp is done with tile t-1, whose stage the next tile refills */
+                __syncthreads();
+                issue(t + TM_STAGES - 1);
+            }
+            const int st = t % TM_STAGES;
+            if (last_partial && t == ntiles - 1) {
+                cp_async_wait<0>();
+                __syncthreads(); /* every thread's rows (and warp 0's biases) landed */
+            } else {
+                mbar_wait(s_bar + 8 * st, (uint32_t)((t / TM_STAGES) & 1));
+            }
+
+            const uint32_t sk = sbase + st * STAGE, sv = sk + KVB;
+            const float *kb = s_kbias + st * BN;
+            for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count) {
+                float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    uint32_t bf[4];
+                    int key = cchunk * 16 + (lane & 7) + ((lane >> 4) << 3);
+                    int ch = kk * 2 + ((lane >> 3) & 1);
+                    ldsm_x4(bf, sk + tm_off(key, ch));
+                    mma16816<T>(s[0], qf[kk], bf[0], bf[1]);
+                    mma16816<T>(s[1], qf[kk], bf[2], bf[3]);
+                }
+                float alpha[2];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+                        for (int x = 0; x < 2; ++x) {
+                            int col = cchunk * 16 + n * 8 + 2 * c4 + x;
+                            int key = kbeg + t * BN + col;
+                            float bias = has_bias ? kb[col] : 0.f;
+                            float val = key <= pos[r] && key < kend
+                                            ? s[n][2 * r + x] * a.scale_log2 + bias
+                                            : -INFINITY;
+                            s[n][2 * r + x] = val;
+                            mx = fmaxf(mx, val);
+                        }
+                    }
+                    mx = quad_max(mx);
+                    float m_new = fmaxf(m[r], mx);
+                    float base = m_new == -INFINITY ? 0.f : m_new;
+                    alpha[r] = fast_exp2(m[r] - base);
+                    float sum = 0.f;
+#pragma unroll
+                    for (int n = 0; n < 2; ++n) {
+                        s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
+                        s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
+                        sum += s[n][2 * r] + s[n][2 * r + 1];
+                    }
+                    l[r] = l[r] * alpha[r] + sum;
+                    m[r] = m_new;
+                }
+                uint32_t pa[4];
+                pa[0] = Pack2<T>::pack(s[0][0], s[0][1]);
+                pa[1] = Pack2<T>::pack(s[0][2], s[0][3]);
+                pa[2] = Pack2<T>::pack(s[1][0], s[1][1]);
+                pa[3] = Pack2<T>::pack(s[1][2], s[1][3]);
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    o[2 * dp][0] *= alpha[0];
+                    o[2 * dp][1] *= alpha[0];
+                    o[2 * dp][2] *= alpha[1];
+                    o[2 * dp][3] *= alpha[1];
+                    o[2 * dp + 1][0] *= alpha[0];
+                    o[2 * dp + 1][1] *= alpha[0];
+                    o[2 * dp + 1][2] *= alpha[1];
+                    o[2 * dp + 1][3] *= alpha[1];
+                    uint32_t bf[4];
+                    int key = cchunk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+                    int ch = dp * 2 + (lane >> 4);
+                    ldsm_x4_t(bf, sv + tm_off(key, ch));
+                    mma16816<T>(o[2 * dp], pa, bf[0], bf[1]);
+                    mma16816<T>(o[2 * dp + 1], pa, bf[2], bf[3]);
+                }
+            }
+        }
+        /* every issued tile has been waited for: no copy is still writing shared memory */
+    }
+    __syncthreads(); /* the pipeline buffers become the merge area */
+
+    /* merge the warps that share rows (same rg, different key shares) into kg == 0 */
+    float *s_o = reinterpret_cast<float *>(smem);          /* [4 warps][D/8][32 lanes][4] */
+    float *s_ml = s_o + 4 * 16 * D;                         /* [4 warps][32 lanes][4] */
+    l[0] = quad_sum(l[0]);
+    l[1] = quad_sum(l[1]);
+    if (kg_count > 1) {
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+            *reinterpret_cast<float4 *>(s_o + ((warp * (D / 8) + n) * 32 + lane) * 4) =
+                make_float4(o[n][0], o[n][1], o[n][2], o[n][3]);
+        *reinterpret_cast<float4 *>(s_ml + (warp * 32 + lane) * 4) =
+            make_float4(m[0], m[1], l[0], l[1]);
+        __syncthreads();
+        if (kg == 0) {
+            float mm[2] = {m[0], m[1]};
+            for (int w = warp + rg_count; w < 4; w += rg_count) {
+                float4 ml = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
+                mm[0] = fmaxf(mm[0], ml.x);
+                mm[1] = fmaxf(mm[1], ml.y);
+            }
+            float f0 = mm[0] == -INFINITY ? 0.f : fast_exp2(m[0] - mm[0]);
+            float f1 = mm[1] == -INFINITY ? 0.f : fast_exp2(m[1] - mm[1]);
+            l[0] *= f0;
+            l[1] *= f1;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                o[n][0] *= f0; o[n][1] *= f0; o[n][2] *= f1; o[n][3] *= f1;
+            }
+            for (int w = warp + rg_count; w < 4; w += rg_count) {
+                float4 ml = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
+                float e0 = mm[0] == -INFINITY ? 0.f : fast_exp2(ml.x - mm[0]);
+                float e1 = mm[1] == -INFINITY ? 0.f : fast_exp2(ml.y - mm[1]);
+                l[0] += ml.z * e0;
+                l[1] += ml.w * e1;
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n) {
+                    float4 x = *reinterpret_cast<const float4 *>(s_o + ((w * (D / 8) + n) * 32 + lane) * 4);
+                    o[n][0] += x.x * e0; o[n][1] += x.y * e0; o[n][2] += x.z * e1; o[n][3] += x.w * e1;
+                }
+            }
+            m[0] = mm[0];
+            m[1] = mm[1];
+        }
+    }
+
+    /* write: the final result (one split) or this split's partial result */
+    if (kg == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            if (!valid[r]) continue;
+            const int h = hrow[r], t = trow[r];
+            float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+            float lse_v = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+            if (a.nsplit == 1) {
+                uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + t) * a.o_st;
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n)
+                    *reinterpret_cast<uint32_t *>(orow + n * 8 + 2 * c4) =
+                        Pack2<T>::pack(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+                if (a.lse != nullptr && c4 == 0)
+                    a.lse[b * a.lse_sb + h * a.lse_sh + q_start + t] = lse_v;
+            } else {
+                int64_t row_id = ((int64_t)b * a.heads_q + h) * a.max_q + t;
+                float *po = a.part_o + (row_id * a.nsplit + split) * D;
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n)
+                    *reinterpret_cast<float2 *>(po + n * 8 + 2 * c4) =
+                        make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+                if (c4 == 0) a.part_lse[row_id * a.nsplit + split] = lse_v;
+            }
+        }
+    }
+    if (a.nsplit == 1) return; /* uniform over the grid */
+
+    /* the block that completes its row group merges the group's splits */
+    merge_if_last<T, D>(a, rows, rc, hk, b, q_len, q_start, s_last);
+}
+
+/* --------------------------------------------------------------------------- host */
+
+/* Splits per row group: about two blocks per multiprocessor in one wave, never more splits
+ * than 64-key tiles (when max_kv_len > 0), one split when the row groups alone fill the
+ * chip or a launch would need too many arrival counters. */
+int tma_splits(int batch, const sf_attn_params *p, int max_q, int max_kv_len)
+{
+    const int64_t groups = (int64_t)batch * p->heads_kv * row_chunks(p, max_q);
+    if (groups > TM_POOL / 4) return 1;
+    const int64_t slots = 2 * (int64_t)sm_count();
+    int64_t s = (slots + groups / 2) / groups;
+    if (s > MAX_SPLITS) s = MAX_SPLITS;
+    if (max_kv_len > 0) {
+        const int64_t tiles = ((int64_t)max_kv_len + BN - 1) / BN;
+        if (s > tiles) s = tiles;
+    }
+    return s < 1 ? 1 : (int)s;
+}
+
+typedef CUresult (*EncodeTiledFn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
+                                  const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
+                                  const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                  CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+/* The driver's tensor-map encoder, looked up once through the runtime (no link to libcuda). */
+EncodeTiledFn encode_tiled()
+{
+    static EncodeTiledFn fn = [] {
+        void *p = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
+                                             &q) != cudaSuccess ||
+            q != cudaDriverEntryPointSuccess) {
+            cudaGetLastError();
+            p = nullptr;
+        }
+        return reinterpret_cast<EncodeTiledFn>(p);
+    }();
+    return fn;
+}
+
+/*
+ * The 2-D map of K or V: rows of D 16-bit elements, stride_t apart. Heads and sequences are
+ * found by row offsets (stride_h / stride_t, stride_b / stride_t), so the strides must be
+ * whole multiples of stride_t, and every row touched must have an index below 2^31.
+ * Returns false when the tensor does not fit this description.
+ */
+bool make_kv_map(CUtensorMap *map, const void *data, int64_t st, int64_t sh, int64_t sb, int batch,
+                 int heads_kv, int D, int64_t *rb, int64_t *rh)
+{
+    EncodeTiledFn enc = encode_tiled();
+    if (enc == nullptr || st < D || sh < 0 || sb < 0 || sh % st != 0 || sb % st != 0) return false;
+    *rh = sh / st;
+    *rb = sb / st;
+    /* rows of the last head of the last sequence start below 2^30, its keys below 2^30 more */
+    const int64_t last = (int64_t)(batch - 1) * *rb + (int64_t)(heads_kv - 1) * *rh;
+    if (last >= (1ll << 30)) return false;
+    const int64_t max_rows = (1ll << 31) - 1;
+    const int64_t fit_rows = (1ll << 40) / (st * 2);
+    cuuint64_t dims[2] = {(cuuint64_t)D, (cuuint64_t)(fit_rows < max_rows ? fit_rows : max_rows)};
+    cuuint64_t strides[1] = {(cuuint64_t)(st * 2)};
+    cuuint32_t box[2] = {(cuuint32_t)TM_BOX, (cuuint32_t)TM_BOX};
+    cuuint32_t estr[2] = {1, 1};
+    return enc(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, const_cast<void *>(data), dims, strides, box,
+               estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+/* Launches decode_tma_kernel; returns SF_ERR_ARGUMENT, having launched nothing, when K or V
+ * cannot be described by a tensor map (the caller then takes the old kernel). */
+template <typename T, int D>
+sf_status launch_tma(DecodeArgs a, int heads_kv, int batch, cudaStream_t stream)
+{
+    alignas(64) CUtensorMap kmap, vmap;
+    TmaRows rows;
+    if (!make_kv_map(&kmap, a.k, a.k_st, a.k_sh, a.k_sb, batch, heads_kv, D, &rows.k_rb, &rows.k_rh) ||
+        !make_kv_map(&vmap, a.v, a.v_st, a.v_sh, a.v_sb, batch, heads_kv, D, &rows.v_rb, &rows.v_rh))
+        return SF_ERR_ARGUMENT;
+
+    constexpr int bytes = tm_smem<D>();
+    static unsigned long long configured = 0; /* per device, as in launch() */
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return SF_ERR_CUDA;
+    const unsigned long long bit = 1ull << (dev & 63);
+    if (!(__atomic_load_n(&configured, __ATOMIC_ACQUIRE) & bit)) {
+        if (cudaFuncSetAttribute(decode_tma_kernel<T, D>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+            return SF_ERR_CUDA;
+        __atomic_fetch_or(&configured, bit, __ATOMIC_RELEASE);
+    }
+    const int groups = heads_kv * a.row_chunks * batch;
+    a.ctr_base = a.nsplit > 1 ? take_counters(groups) : 0;
+
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(a.nsplit, heads_kv * a.row_chunks, batch);
+    cfg.blockDim = dim3(TM_THREADS);
+    cfg.dynamicSmemBytes = bytes;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (cudaLaunchKernelEx(&cfg, decode_tma_kernel<T, D>, a, rows, kmap, vmap) != cudaSuccess) {
+        cudaGetLastError(); /* no programmatic launch here: a plain one is as correct */
+        decode_tma_kernel<T, D><<<cfg.gridDim, TM_THREADS, bytes, stream>>>(a, rows, kmap, vmap);
+    }
+    return last_launch_status() == SF_OK ? SF_OK : SF_ERR_CUDA;
+}
+
+} // namespace
+} // namespace sfcuda

@@ -1,0 +1,647 @@
+/*
+ * prefill_sm90.cu - segment-masked attention over whole sequences on Hopper (sm_90a),
+ * head dim 128: warpgroup MMA (wgmma) fed from 128-byte-swizzled shared memory.
+ *
+ * One block takes 128 query rows of one head of one sequence and has 12 warps:
+ *
+ *   warps 0-3   consumer warpgroup 0: query rows 0..63 of the tile
+ *   warps 4-7   consumer warpgroup 1: query rows 64..127
+ *   warps 8-11  producer warpgroup: copies Q once, then K and V tiles of 128 keys
+ *               into a two-stage ring with cp.async, writes the per-key segment
+ *               facts of partial tiles, and signals each stage through mbarriers
+ *
+ * The producer hands registers to the consumers (setmaxnreg: 56 / 224 per thread).
+ * The tile plan is the one of prefill.cu: before touching K/V the whole block
+ * classifies every key tile at or before its last query from the segment table
+ * (classify_rect); empty tiles never enter the plan, full tiles run without mask
+ * arithmetic, partial tiles evaluate the mask and bias in registers. Tiles are
+ * processed from the diagonal down. S = Q K^T is wgmma with both operands in shared
+ * memory; O += P V is wgmma with P in registers (the S accumulator converted in
+ * place) and V in shared memory read N-major (the transpose bit). Softmax is
+ * online, fp32, base 2. Each warpgroup issues P V of tile n together with
+ * Q K^T of tile n + 1 as one batch, and the two warpgroups take turns issuing their
+ * batches (named barriers), so one warpgroup's softmax runs while the tensor cores
+ * work on the other's products.
+ *
+ * Why cp.async and not TMA: a tensor map needs the extent of the key axis, and
+ * the contract only gives per-sequence lengths in device memory; the rows past a
+ * sequence's end must read as zeros (a padded batch may hold NaN there), which
+ * cp.async's zero fill gives row by row.
+ *
+ * Conventions of the PTX instructions used (PTX ISA, "Asynchronous Warpgroup
+ * Level Matrix Multiply-Accumulate"):
+ *
+ *  - wgmma.mma_async m64nNk16, f32 accumulators. Warp w (0..3) of the warpgroup
+ *    owns rows 16w..16w+15 of the 64-row result; lane l has g = l/4, c = l%4.
+ *    Accumulator register 4i+x (i = n8 block, x = 0..3) holds row 16w + g + 8*(x/2),
+ *    column 8i + 2c + (x%2) - the mma.sync m16n8 C layout repeated along N.
+ *  - A from registers (bf16/f16, k16): 4 32-bit registers per thread, the mma.sync
+ *    m16n8k16 A layout of the warp's 16 rows: r0 = (row g, k 2c..2c+1),
+ *    r1 = (row g+8, k 2c..), r2 = (row g, k 8+2c..), r3 = (row g+8, k 8+2c..).
+ *    So the S accumulator blocks 2t and 2t+1 (keys 16t..16t+15) pack into the A
+ *    fragment of k-step t directly.
+ *  - Matrix descriptors (64 bit): bits 0-13 start address >> 4, 16-29 leading
+ *    dimension byte offset (LBO) >> 4, 32-45 stride dimension byte offset (SBO) >> 4,
+ *    49-51 base offset (0: every swizzle pattern starts 1024-byte aligned), 62-63
+ *    swizzle mode (1 = 128-byte swizzle).
+ *  - 128-byte swizzle: a "row" is 128 bytes (64 16-bit elements) of the contiguous
+ *    dimension; 8 rows form a 1024-byte atom; the 16-byte chunk c of row r is stored
+ *    at chunk c ^ (r % 8). The hardware applies it as address bits [4:6] ^= [7:9],
+ *    so it holds for any atom aligned to 1024 bytes.
+ *  - K-major operand (Q as A, K as B of S = Q K^T; the 16-wide k slice lies inside
+ *    one 128-byte row): SBO = 1024 (next 8 rows of M/N), LBO unused for swizzled
+ *    K-major layouts (encoded 1). The k-step kk of a 64-element row half starts
+ *    32*kk bytes further (the hardware swizzles the computed address).
+ *  - N-major operand (V as B of O = P V, imm-trans-b = 1): the atom is 8 key rows
+ *    x 64 d values. SBO is the step between 8-key groups and LBO between 64-wide
+ *    groups of N. Each P V instruction here is N = 64 (one d half), so only one
+ *    N group is ever addressed; LBO and SBO are both set to 1024, which is the
+ *    8-key step whichever of the two fields the hardware reads for it.
+ *  - K and V tiles share one storage: [d half (2)][key (128)][128 bytes], swizzled
+ *    by key row. Q the same with query rows.
+ */
+#include "common.cuh"
+#include "prefill.cuh"
+
+namespace sfcuda {
+namespace {
+
+constexpr int D = 128;               /* head dim */
+constexpr int BM = SM90_BM;          /* query rows per block */
+constexpr int BN = 128;              /* keys per tile */
+constexpr int CONSUMERS = 256;       /* warpgroups 0 and 1 */
+constexpr int PRODUCERS = 128;       /* warpgroup 2 */
+constexpr int THREADS = CONSUMERS + PRODUCERS;
+constexpr int WARPS = THREADS / 32;
+/* Registers per thread after the split (setmaxnreg). The block starts at 65536 / 384
+ * = 168 (rounded down to 8) for everyone; the producer gives back down to 56, which
+ * frees 112 x 128 registers, exactly the 56 x 256 the consumers take to reach 224.
+ * Per SM quarter (3 warps: one of each warpgroup): 56 + 2 x 224 = 504 <= 512. */
+constexpr int PRODUCER_REGS = 56;
+constexpr int CONSUMER_REGS = 224;
+constexpr int PLAN_CAP = 512;        /* key tiles classified per planning round */
+constexpr int SEG_CAP = 1024;        /* segment tables up to this size are staged in smem */
+constexpr uint32_t FULL_BIT = 0x80000000u;
+
+/* shared memory (offsets from a 1024-aligned base) */
+constexpr int HALF_Q = BM * 128;                /* one 64-column half of Q */
+constexpr int HALF_T = BN * 128;                /* one 64-column half of a K or V tile */
+constexpr int OFF_Q = 0;
+constexpr int OFF_KV = OFF_Q + 2 * HALF_Q;      /* stage s: K at +s*STAGE, V at +HALF_T*2 */
+constexpr int STAGE = 4 * HALF_T;
+constexpr int OFF_PLAN = OFF_KV + 2 * STAGE;
+constexpr int OFF_END = OFF_PLAN + PLAN_CAP * 4;
+constexpr int OFF_BIAS = OFF_END + SEG_CAP * 4;
+constexpr int OFF_KIND = OFF_BIAS + SEG_CAP * 4;
+/* Per-key mask facts of the K tile of step n live in slot n % 3: consumers read them
+ * after freeing the step's stage, while the producer may already fill step n + 2. */
+constexpr int FACT_SLOTS = 3;
+constexpr int OFF_FACTS = OFF_KIND + SEG_CAP;   /* [slot][seg BN | bias BN] */
+constexpr int OFF_BAR = OFF_FACTS + FACT_SLOTS * 2 * BN * 4;
+constexpr int OFF_COUNT = OFF_BAR + 8 * 8;      /* full_k[2] full_v[2] empty[2] q_full */
+constexpr int SMEM_USED = OFF_COUNT + 16 * 4;
+constexpr int SMEM_BYTES = SMEM_USED + 1024;    /* slack to align the base to 1024 */
+static_assert(OFF_KV % 1024 == 0 && STAGE % 1024 == 0 && HALF_T % 1024 == 0,
+              "swizzle atoms must start 1024-byte aligned");
+static_assert(OFF_BAR % 8 == 0, "mbarriers are 8-byte objects");
+
+/* ------------------------------------------------------------ PTX wrappers */
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+/* Arrive (release semantics at CTA scope: this thread's earlier writes become visible
+ * to a thread whose wait observes the phase completing). */
+__device__ __forceinline__ void mbar_arrive(uint32_t bar)
+{
+    asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+                 : "memory");
+}
+
+/* Wait until the phase of the given parity has completed (acquire semantics).
+ * A fresh barrier is in phase 0; phase k completes when its count of arrivals is in. */
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity)
+{
+    uint32_t done;
+    do {
+        asm volatile("{\n .reg .pred p;\n"
+                     " mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     " selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(bar), "r"(parity)
+                     : "memory");
+    } while (!done);
+}
+
+/* Orders this thread's generic-proxy shared-memory writes (cp.async results included,
+ * once waited for) before later async-proxy reads (wgmma operands). */
+__device__ __forceinline__ void fence_proxy_async()
+{
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait()
+{
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+/* Keeps the compiler from moving reads or writes of accumulator registers across a
+ * wgmma issue or wait (the asm "uses and redefines" each register). */
+template <int N> __device__ __forceinline__ void fence_regs(float *r)
+{
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N> __device__ __forceinline__ void fence_regs(uint32_t *r)
+{
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+/* Descriptor with 128-byte swizzle; lbo16/sbo16 are the byte offsets divided by 16. */
+__device__ __forceinline__ uint64_t make_desc(uint32_t saddr, uint32_t lbo16, uint32_t sbo16)
+{
+    return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(lbo16 & 0x3FFFu) << 16) |
+           ((uint64_t)(sbo16 & 0x3FFFu) << 32) | (1ull << 62);
+}
+
+#define SF_ACC8(a, i)                                                                          \
+    "+f"(a[i]), "+f"(a[i + 1]), "+f"(a[i + 2]), "+f"(a[i + 3]), "+f"(a[i + 4]), "+f"(a[i + 5]), \
+        "+f"(a[i + 6]), "+f"(a[i + 7])
+#define SF_ACC32(a) SF_ACC8(a, 0), SF_ACC8(a, 8), SF_ACC8(a, 16), SF_ACC8(a, 24)
+#define SF_ACC64(a) SF_ACC32(a), SF_ACC8(a, 32), SF_ACC8(a, 40), SF_ACC8(a, 48), SF_ACC8(a, 56)
+
+#define SF_D64                                                                                  \
+    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,"  \
+    "%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45," \
+    "%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
+#define SF_D32                                                                                  \
+    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,"  \
+    "%24,%25,%26,%27,%28,%29,%30,%31}"
+
+/*
+ * qk: S (64 x 128 keys) (+)= A(64 x 16 d, smem, K-major) * B(128 keys x 16 d, smem,
+ *     K-major)^T. Operands after the descriptors: scale-d (predicate; false on the
+ *     first k-step: d = A*B), imm-scale-a = 1, imm-scale-b = 1, imm-trans-a = 0,
+ *     imm-trans-b = 0 (both K-major).
+ * pv: O half (64 x 64 d) += P(64 x 16 keys, registers) * V(16 keys x 64 d, smem,
+ *     N-major). Operands after the descriptor: scale-d = 1 (accumulate; the SASS shows
+ *     the accumulator as input), imm-scale-a = 1, imm-scale-b = 1, imm-trans-b = 1.
+ */
+template <typename T> struct WgmmaOps;
+
+template <> struct WgmmaOps<__nv_bfloat16> {
+    static __device__ __forceinline__ void qk(float *d, uint64_t da, uint64_t db, int accumulate)
+    {
+        asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
+                     " wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " SF_D64
+                     ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+                     : SF_ACC64(d)
+                     : "l"(da), "l"(db), "r"(accumulate));
+    }
+    static __device__ __forceinline__ void pv(float *d, const uint32_t *a, uint64_t db)
+    {
+        asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " SF_D32
+                     ", {%32,%33,%34,%35}, %36, 1, 1, 1, 1;\n"
+                     : SF_ACC32(d)
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    }
+};
+
+template <> struct WgmmaOps<__half> {
+    static __device__ __forceinline__ void qk(float *d, uint64_t da, uint64_t db, int accumulate)
+    {
+        asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
+                     " wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " SF_D64
+                     ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+                     : SF_ACC64(d)
+                     : "l"(da), "l"(db), "r"(accumulate));
+    }
+    static __device__ __forceinline__ void pv(float *d, const uint32_t *a, uint64_t db)
+    {
+        asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " SF_D32
+                     ", {%32,%33,%34,%35}, %36, 1, 1, 1, 1;\n"
+                     : SF_ACC32(d)
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    }
+};
+
+/*
+ * The producer's copy of ROWS rows (global rows base + r*stride, r < valid_rows;
+ * later rows become zeros) into the swizzled [2 halves][ROWS][128 B] layout. Thread t
+ * (0..127) takes 16-byte chunk t%16 of rows t/16 + 8i: 16 threads read a whole
+ * 256-byte row, and since r % 8 == t/16 for all its rows, the swizzled column of a
+ * thread is fixed (chunk c of row r sits at chunk (c%8) ^ (r%8) of its half).
+ */
+template <int ROWS>
+__device__ __forceinline__ void load_rows_sw128(uint32_t s_tile, const uint16_t *base,
+                                                int64_t stride, int valid_rows, int t)
+{
+    const int row0 = t >> 4, chunk = t & 15;
+    const uint16_t *src = base + row0 * stride + chunk * 8;
+    const int64_t step = 8 * stride;
+    const uint32_t dst = s_tile + (chunk >> 3) * (ROWS * 128) + row0 * 128 +
+                         (((chunk & 7) ^ row0) << 4);
+#pragma unroll
+    for (int i = 0; i < ROWS / 8; ++i) {
+        const bool ok = row0 + 8 * i < valid_rows;
+        cp_async16(dst + i * 1024, ok ? src : base, ok);
+        src += step;
+    }
+}
+
+/*
+ * One planning round (all threads of the block): classify key tiles jbase ..
+ * jbase+ncand-1 against query positions [p0, p1] and keep the non-empty ones, in
+ * ascending order, in s_plan (FULL_BIT marks tiles that need no mask). Returns the
+ * count. Called from both roles' code, so the block barriers inside meet.
+ */
+__device__ __forceinline__ int make_plan(const SegView &view, int p0, int p1, int kv_len,
+                                         int jbase, int ncand, uint32_t *s_plan,
+                                         int32_t *s_count, int tid)
+{
+    const int warp = tid >> 5, lane = tid & 31;
+    int nplan = 0;
+    for (int c0 = 0; c0 < ncand; c0 += THREADS) {
+        const int j = jbase + c0 + tid;
+        int cls = SF_BLOCK_EMPTY;
+        if (c0 + tid < ncand) {
+            bool nb;
+            const int k0 = j * BN, k1 = min(k0 + BN - 1, kv_len - 1);
+            cls = classify_rect(view, p0, p1, k0, k1, &nb);
+            if (cls == SF_BLOCK_FULL && (nb || k0 + BN > kv_len)) cls = SF_BLOCK_PARTIAL;
+        }
+        const bool keep = cls != SF_BLOCK_EMPTY;
+        const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+        if (lane == 0) s_count[warp] = __popc(ballot);
+        __syncthreads();
+        int before = nplan, total = nplan;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            if (w < warp) before += s_count[w];
+            total += s_count[w];
+        }
+        if (keep)
+            s_plan[before + __popc(ballot & ((1u << lane) - 1u))] =
+                (uint32_t)j | (cls == SF_BLOCK_FULL ? FULL_BIT : 0u);
+        nplan = total;
+        __syncthreads();
+    }
+    return nplan;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillArgs a)
+{
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    const int h = blockIdx.x;
+    const int b = blockIdx.z;
+    const int qt = gridDim.y - 1 - blockIdx.y; /* the longest rows start first */
+    const int q_len = a.q_len[b];
+    const int i0 = qt * BM;
+    if (i0 >= q_len) return;
+    const int kv_len = a.kv_len[b];
+    const int q_start = a.q_start[b], k_start = a.k_start[b];
+    const int hk = h / a.group;
+    const int off = kv_len - q_len; /* position of query row 0 */
+    const int p0 = off + i0;
+    const int p1 = off + min(i0 + BM, q_len) - 1;
+    const int jlast = p1 / BN; /* the diagonal tile: never empty (query p1 sees key p1) */
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const bool producer = warp >= CONSUMERS / 32; /* warpgroup 2 */
+    const int pt = tid - CONSUMERS;               /* producer thread 0..127 */
+
+    /* shared memory, from a 1024-aligned base */
+    const uint32_t raw = smem_addr(smem_raw);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    uint8_t *sm = smem_raw + (base - raw);
+    const uint32_t sq = base + OFF_Q, skv = base + OFF_KV;
+    uint32_t *s_plan = reinterpret_cast<uint32_t *>(sm + OFF_PLAN);
+    int32_t *s_end = reinterpret_cast<int32_t *>(sm + OFF_END);
+    float *s_bias = reinterpret_cast<float *>(sm + OFF_BIAS);
+    uint8_t *s_kind = sm + OFF_KIND;
+    int32_t *s_facts = reinterpret_cast<int32_t *>(sm + OFF_FACTS);
+    int32_t *s_count = reinterpret_cast<int32_t *>(sm + OFF_COUNT);
+    const uint32_t bar_full_k = base + OFF_BAR;      /* +8*stage */
+    const uint32_t bar_full_v = base + OFF_BAR + 16; /* +8*stage */
+    const uint32_t bar_empty = base + OFF_BAR + 32;  /* +8*stage */
+    const uint32_t bar_q = base + OFF_BAR + 48;
+
+    if (tid == 0) {
+        for (int st = 0; st < 2; ++st) {
+            mbar_init(bar_full_k + 8 * st, PRODUCERS); /* every producer thread */
+            mbar_init(bar_full_v + 8 * st, PRODUCERS);
+            mbar_init(bar_empty + 8 * st, CONSUMERS);  /* every consumer thread */
+        }
+        mbar_init(bar_q, PRODUCERS);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+
+    const uint16_t *kbase = a.k + b * a.k_sb + hk * a.k_sh + (int64_t)k_start * a.k_st;
+    const uint16_t *vbase = a.v + b * a.v_sb + hk * a.v_sh + (int64_t)k_start * a.v_st;
+    /* producer: the copies of one step into stage st, two cp.async groups (K, then V;
+     * a group stays empty when its tile index is negative) */
+    auto issue_step = [&](int jk, int jv, int st) {
+        const uint32_t sk = skv + st * STAGE, sv = sk + 2 * HALF_T;
+        if (jk >= 0)
+            load_rows_sw128<BN>(sk, kbase + (int64_t)jk * BN * a.k_st, a.k_st, kv_len - jk * BN, pt);
+        cp_async_commit();
+        if (jv >= 0)
+            load_rows_sw128<BN>(sv, vbase + (int64_t)jv * BN * a.v_st, a.v_st, kv_len - jv * BN, pt);
+        cp_async_commit();
+    };
+
+    /* Q and the diagonal tile start flowing before anything else is known. */
+    if (producer) {
+        const uint16_t *qbase = a.q + b * a.q_sb + h * a.q_sh + (int64_t)(q_start + i0) * a.q_st;
+        load_rows_sw128<BM>(sq, qbase, a.q_st, q_len - i0, pt); /* rows past q_len: zeros */
+        cp_async_commit();
+        issue_step(jlast, -1, 0); /* step 0: the diagonal tile's K, no V yet */
+    }
+
+    /* The sequence's segment table, staged in shared memory when small. */
+    SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
+    if (view.n <= SEG_CAP) {
+        for (int s = tid; s < view.n; s += THREADS) {
+            s_end[s] = view.end[s];
+            s_kind[s] = view.kind[s];
+            s_bias[s] = view.bias ? view.bias[s] : 0.f;
+        }
+        view.end = s_end;
+        view.kind = s_kind;
+        view.bias = s_bias;
+    }
+    __syncthreads(); /* barriers initialised, table staged */
+
+    int n = 0; /* steps done so far, all rounds: stage n&1, its use number n>>1 */
+
+    if (producer) {
+        /* The producer needs few registers; hand them to the consumers. */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+        for (int jtop = jlast + 1; jtop > 0; jtop -= PLAN_CAP) {
+            const int jbase = max(0, jtop - PLAN_CAP);
+            const int nplan = make_plan(view, p0, p1, kv_len, jbase, jtop - jbase, s_plan, s_count, tid);
+            /* step i (0..nplan) of a round: K of plan tile i and V of plan tile i - 1
+             * (the plan runs from its last entry down) */
+            for (int i = 0; i <= nplan; ++i, ++n) {
+                const int st = n & 1, use = n >> 1;
+                const uint32_t ek = i < nplan ? s_plan[nplan - 1 - i] : 0u;
+                const int jk = i < nplan ? (int)(ek & ~FULL_BIT) : -1;
+                const int jv = i > 0 ? (int)(s_plan[nplan - i] & ~FULL_BIT) : -1;
+                if (n > 0) { /* step 0 of the first round was issued before planning */
+                    if (use > 0) mbar_wait(bar_empty + 8 * st, (use - 1) & 1);
+                    issue_step(jk, jv, st);
+                }
+                if (jk >= 0 && !(ek & FULL_BIT)) { /* per-key facts for the mask */
+                    int32_t *fseg = s_facts + (n % FACT_SLOTS) * 2 * BN;
+                    float *fbias = reinterpret_cast<float *>(fseg + BN);
+                    const int sg = view.seg(jk * BN + pt);
+                    fseg[pt] = view.kind_of(sg) == SF_SHARED ? -1 : sg; /* -1: seen by all */
+                    fbias[pt] = view.bias_of(sg) * kLog2e;
+                }
+                /* K landed (V may still fly): make it visible to the tensor cores, signal */
+                cp_async_wait<1>();
+                fence_proxy_async();
+                if (n == 0) mbar_arrive(bar_q); /* Q was the group before K */
+                mbar_arrive(bar_full_k + 8 * st);
+                cp_async_wait<0>();
+                fence_proxy_async();
+                mbar_arrive(bar_full_v + 8 * st);
+            }
+            __syncthreads(); /* the plan buffer is rewritten by the next round */
+        }
+        return;
+    }
+
+    /* ------------------------------------------------------------ consumers */
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+    const int wg = warp >> 2, wq = warp & 3; /* warpgroup, warp in it */
+    const int g = lane >> 2, c4 = lane & 3;
+    int qpos[2], qseg[2]; /* this thread's two rows: g and g + 8 of its warp's 16 */
+    bool qglob[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        qpos[r] = p0 + wg * 64 + wq * 16 + g + r * 8;
+        qseg[r] = view.seg(qpos[r]);
+        qglob[r] = view.kind_of(qseg[r]) == SF_GLOBAL;
+    }
+
+    float o[2][32]; /* O columns 64*hd .. 64*hd+63 */
+    float s[64];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[0][i] = o[1][i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) s[i] = 0.f;
+    uint32_t pa[BN / 16][4]; /* P of the tile whose P V is still to be issued */
+#pragma unroll
+    for (int t = 0; t < BN / 16; ++t) pa[t][0] = pa[t][1] = pa[t][2] = pa[t][3] = 0u;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    const uint32_t sq_wg = sq + wg * 64 * 128; /* this warpgroup's 64 rows of each Q half */
+
+    /* O += P V for the P held in pa, V of stage pst (issued, not waited for) */
+    auto issue_pv = [&](int pst) {
+        const uint32_t sv = skv + pst * STAGE + 2 * HALF_T;
+#pragma unroll
+        for (int t = 0; t < BN / 16; ++t) { /* keys 16t..16t+15: byte 2048*t of a V half */
+#pragma unroll
+            for (int hd = 0; hd < 2; ++hd) {
+                const uint64_t db = make_desc(sv + hd * HALF_T + t * 2048, 1024 >> 4, 1024 >> 4);
+                WgmmaOps<T>::pv(o[hd], pa[t], db);
+            }
+        }
+    };
+    /*
+     * Turns: the two warpgroups issue their tensor-core work alternately (named barriers
+     * 1 and 2, 256 threads: 128 wait, 128 arrive), so that one warpgroup's softmax runs
+     * while the other's products run. Warpgroup w waits for its turn on barrier 1 + w
+     * and hands the turn over on barrier 2 - w. Warpgroup 1 hands the first turn to 0
+     * now; both take the same number of turns, and warpgroup 0 takes the one handed
+     * over after the last (at the end), so every arrival is matched by a wait.
+     */
+    auto turn_wait = [&] {
+        if (wg == 0) asm volatile("bar.sync 1, 256;\n" ::: "memory");
+        else asm volatile("bar.sync 2, 256;\n" ::: "memory");
+    };
+    auto turn_pass = [&] {
+        if (wg == 0) asm volatile("bar.arrive 2, 256;\n" ::: "memory");
+        else asm volatile("bar.arrive 1, 256;\n" ::: "memory");
+    };
+    if (wg == 1) asm volatile("bar.arrive 1, 256;\n" ::: "memory");
+
+    for (int jtop = jlast + 1; jtop > 0; jtop -= PLAN_CAP) {
+        const int jbase = max(0, jtop - PLAN_CAP);
+        const int nplan = make_plan(view, p0, p1, kv_len, jbase, jtop - jbase, s_plan, s_count, tid);
+        if (n == 0) mbar_wait(bar_q, 0);
+        /* step i (0..nplan): P V of plan tile i - 1 (its P is in pa, its V in this
+         * stage) and S = Q K^T of plan tile i (its K in this stage), then the
+         * softmax of tile i. Both products of a step form one turn. */
+        for (int i = 0; i <= nplan; ++i, ++n) {
+            const bool has_k = i < nplan, has_v = i > 0;
+            const uint32_t e = has_k ? s_plan[nplan - 1 - i] : 0u;
+            const int j = (int)(e & ~FULL_BIT);
+            const bool full = (e & FULL_BIT) != 0;
+            const int st = n & 1, use = n >> 1;
+            const uint32_t sk = skv + st * STAGE;
+
+            /* S: 8 k-steps of 16 over d; k-step kk lies in half kk/4, at byte 32*(kk%4)
+             * of the 128-byte rows */
+            mbar_wait(bar_full_k + 8 * st, use & 1);
+            mbar_wait(bar_full_v + 8 * st, use & 1);
+            turn_wait();
+            fence_regs<64>(s);
+            fence_regs<32>(o[0]);
+            fence_regs<32>(o[1]);
+            fence_regs<BN / 4>(&pa[0][0]);
+            wgmma_fence();
+            if (has_v) issue_pv(st);
+            if (has_k) {
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    const uint32_t koff = (kk & 3) * 32;
+                    const uint64_t da = make_desc(sq_wg + (kk >> 2) * HALF_Q + koff, 1, 1024 >> 4);
+                    const uint64_t db = make_desc(sk + (kk >> 2) * HALF_T + koff, 1, 1024 >> 4);
+                    WgmmaOps<T>::qk(s, da, db, kk > 0);
+                }
+            }
+            wgmma_commit();
+            turn_pass();
+            wgmma_wait<0>();
+            fence_regs<64>(s);
+            fence_regs<32>(o[0]);
+            fence_regs<32>(o[1]);
+            fence_regs<BN / 4>(&pa[0][0]);
+            mbar_arrive(bar_empty + 8 * st); /* this stage's K and V are consumed */
+            if (!has_k) break;                /* the round's last step */
+            /* scale, mask and bias (partial tiles only), in base 2 */
+            if (full) {
+#pragma unroll
+                for (int x = 0; x < 64; ++x) s[x] *= a.scale_log2;
+            } else {
+                const int32_t *fseg = s_facts + (n % FACT_SLOTS) * 2 * BN;
+                const float *fbias = reinterpret_cast<const float *>(fseg + BN);
+#pragma unroll
+                for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+                    for (int y = 0; y < 2; ++y) {
+                        const int col = nb * 8 + 2 * c4 + y;
+                        const int key = j * BN + col;
+                        const int ks = fseg[col];
+                        const float kb = fbias[col];
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) {
+                            const bool ok = key <= qpos[r] && (qglob[r] || ks == qseg[r] || ks < 0);
+                            const float bias = qglob[r] ? kb : 0.f;
+                            float &x = s[nb * 4 + r * 2 + y];
+                            x = ok ? x * a.scale_log2 + bias : -INFINITY;
+                        }
+                    }
+                }
+            }
+
+            /* online softmax over this thread's two rows (a quad of lanes shares a row) */
+            float alpha[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int nb = 0; nb < BN / 8; ++nb)
+                    mx = fmaxf(mx, fmaxf(s[nb * 4 + 2 * r], s[nb * 4 + 2 * r + 1]));
+                mx = quad_max(mx);
+                const float m_new = fmaxf(m[r], mx);
+                const float mbase = m_new == -INFINITY ? 0.f : m_new;
+                alpha[r] = fast_exp2(m[r] - mbase);
+                float sum = 0.f;
+#pragma unroll
+                for (int nb = 0; nb < BN / 8; ++nb) {
+                    float &x0 = s[nb * 4 + 2 * r], &x1 = s[nb * 4 + 2 * r + 1];
+                    x0 = fast_exp2(x0 - mbase);
+                    x1 = fast_exp2(x1 - mbase);
+                    sum += x0 + x1;
+                }
+                l[r] = l[r] * alpha[r] + sum;
+                m[r] = m_new;
+            }
+#pragma unroll
+            for (int hd = 0; hd < 2; ++hd)
+#pragma unroll
+                for (int nb = 0; nb < 8; ++nb) {
+                    o[hd][nb * 4 + 0] *= alpha[0];
+                    o[hd][nb * 4 + 1] *= alpha[0];
+                    o[hd][nb * 4 + 2] *= alpha[1];
+                    o[hd][nb * 4 + 3] *= alpha[1];
+                }
+
+            /* P as the A fragments of 8 k-steps of 16 keys; its P V runs in the next step */
+#pragma unroll
+            for (int t = 0; t < BN / 16; ++t) {
+                pa[t][0] = Pack2<T>::pack(s[8 * t + 0], s[8 * t + 1]);
+                pa[t][1] = Pack2<T>::pack(s[8 * t + 2], s[8 * t + 3]);
+                pa[t][2] = Pack2<T>::pack(s[8 * t + 4], s[8 * t + 5]);
+                pa[t][3] = Pack2<T>::pack(s[8 * t + 6], s[8 * t + 7]);
+            }
+        }
+        ++n; /* the break skipped the increment of the last step */
+        __syncthreads(); /* the plan buffer is rewritten by the next round */
+    }
+    if (wg == 0) turn_wait(); /* the turn warpgroup 1 handed over after the last */
+
+    /* epilogue: normalise and write the valid rows */
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float lt = quad_sum(l[r]);
+        const int i = i0 + wg * 64 + wq * 16 + g + r * 8;
+        if (i >= q_len) continue;
+        const float inv = lt > 0.f ? 1.f / lt : 0.f;
+        uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + i) * a.o_st;
+#pragma unroll
+        for (int hd = 0; hd < 2; ++hd)
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb) {
+                const uint32_t pk =
+                    Pack2<T>::pack(o[hd][nb * 4 + 2 * r] * inv, o[hd][nb * 4 + 2 * r + 1] * inv);
+                *reinterpret_cast<uint32_t *>(orow + hd * 64 + nb * 8 + 2 * c4) = pk;
+            }
+        if (a.lse != nullptr && c4 == 0)
+            a.lse[b * a.lse_sb + h * a.lse_sh + q_start + i] =
+                lt > 0.f ? (m[r] + log2f(lt)) * kLn2 : -INFINITY;
+    }
+#else
+    __trap(); /* built without sm_90a: the launcher never selects this kernel there */
+#endif
+}
+
+template <typename T>
+sf_status launch(const PrefillArgs &a, int heads_q, int batch, int max_q_len, cudaStream_t stream)
+{
+    static unsigned long long configured = 0;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return SF_ERR_CUDA;
+    const unsigned long long bit = 1ull << (dev & 63);
+    if (!(__atomic_load_n(&configured, __ATOMIC_ACQUIRE) & bit)) {
+        if (cudaFuncSetAttribute(prefill_sm90_kernel<T>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 SMEM_BYTES) != cudaSuccess)
+            return SF_ERR_CUDA;
+        __atomic_fetch_or(&configured, bit, __ATOMIC_RELEASE);
+    }
+    dim3 grid(heads_q, (max_q_len + BM - 1) / BM, batch);
+    prefill_sm90_kernel<T><<<grid, THREADS, SMEM_BYTES, stream>>>(a);
+    return last_launch_status();
+}
+
+} // namespace
+
+sf_status launch_prefill_sm90(const PrefillArgs &a, bool bf16, int heads_q, int batch,
+                              int max_q_len, cudaStream_t stream)
+{
+    return bf16 ? launch<__nv_bfloat16>(a, heads_q, batch, max_q_len, stream)
+                : launch<__half>(a, heads_q, batch, max_q_len, stream);
+}
+
+} // namespace sfcuda

@@ -59,6 +59,10 @@ __device__ __forceinline__ uint32_t tm_off(int row, int ch)
     return (uint32_t)((ch >> 3) * TM_HALF + row * 128 + (((ch & 7) ^ (row & 7)) << 4));
 }
 
+struct TmaTile {
+    static __device__ __forceinline__ uint32_t off(int row, int ch) { return tm_off(row, ch); }
+};
+
 /* ------------------------------------------------------------ mbarrier / tensor copies */
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count)
@@ -304,70 +308,8 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
             const uint32_t sk = sbase + st * STAGE, sv = sk + KVB;
             const float *kb = s_kbias + st * BN;
             for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count) {
-                float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) {
-                    uint32_t bf[4];
-                    int key = cchunk * 16 + (lane & 7) + ((lane >> 4) << 3);
-                    int ch = kk * 2 + ((lane >> 3) & 1);
-                    ldsm_x4(bf, sk + tm_off(key, ch));
-                    mma16816<T>(s[0], qf[kk], bf[0], bf[1]);
-                    mma16816<T>(s[1], qf[kk], bf[2], bf[3]);
-                }
-                float alpha[2];
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    float mx = -INFINITY;
-#pragma unroll
-                    for (int n = 0; n < 2; ++n) {
-#pragma unroll
-                        for (int x = 0; x < 2; ++x) {
-                            int col = cchunk * 16 + n * 8 + 2 * c4 + x;
-                            int key = kbeg + t * BN + col;
-                            float bias = has_bias ? kb[col] : 0.f;
-                            float val = key <= pos[r] && key < kend
-                                            ? s[n][2 * r + x] * a.scale_log2 + bias
-                                            : -INFINITY;
-                            s[n][2 * r + x] = val;
-                            mx = fmaxf(mx, val);
-                        }
-                    }
-                    mx = quad_max(mx);
-                    float m_new = fmaxf(m[r], mx);
-                    float base = m_new == -INFINITY ? 0.f : m_new;
-                    alpha[r] = fast_exp2(m[r] - base);
-                    float sum = 0.f;
-#pragma unroll
-                    for (int n = 0; n < 2; ++n) {
-                        s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
-                        s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
-                        sum += s[n][2 * r] + s[n][2 * r + 1];
-                    }
-                    l[r] = l[r] * alpha[r] + sum;
-                    m[r] = m_new;
-                }
-                uint32_t pa[4];
-                pa[0] = Pack2<T>::pack(s[0][0], s[0][1]);
-                pa[1] = Pack2<T>::pack(s[0][2], s[0][3]);
-                pa[2] = Pack2<T>::pack(s[1][0], s[1][1]);
-                pa[3] = Pack2<T>::pack(s[1][2], s[1][3]);
-#pragma unroll
-                for (int dp = 0; dp < D / 16; ++dp) {
-                    o[2 * dp][0] *= alpha[0];
-                    o[2 * dp][1] *= alpha[0];
-                    o[2 * dp][2] *= alpha[1];
-                    o[2 * dp][3] *= alpha[1];
-                    o[2 * dp + 1][0] *= alpha[0];
-                    o[2 * dp + 1][1] *= alpha[0];
-                    o[2 * dp + 1][2] *= alpha[1];
-                    o[2 * dp + 1][3] *= alpha[1];
-                    uint32_t bf[4];
-                    int key = cchunk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-                    int ch = dp * 2 + (lane >> 4);
-                    ldsm_x4_t(bf, sv + tm_off(key, ch));
-                    mma16816<T>(o[2 * dp], pa, bf[0], bf[1]);
-                    mma16816<T>(o[2 * dp + 1], pa, bf[2], bf[3]);
-                }
+                attend_chunk<T, D, TmaTile>(sk, sv, kb, has_bias, cchunk, kbeg + t * BN, pos, kend,
+                                       a.scale_log2, qf, m, l, o);
             }
         }
         /* every issued tile has been waited for: no copy is still writing shared memory */
@@ -375,76 +317,13 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
     __syncthreads(); /* the pipeline buffers become the merge area */
 
     /* merge the warps that share rows (same rg, different key shares) into kg == 0 */
-    float *s_o = reinterpret_cast<float *>(smem);          /* [4 warps][D/8][32 lanes][4] */
-    float *s_ml = s_o + 4 * 16 * D;                         /* [4 warps][32 lanes][4] */
-    l[0] = quad_sum(l[0]);
-    l[1] = quad_sum(l[1]);
-    if (kg_count > 1) {
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n)
-            *reinterpret_cast<float4 *>(s_o + ((warp * (D / 8) + n) * 32 + lane) * 4) =
-                make_float4(o[n][0], o[n][1], o[n][2], o[n][3]);
-        *reinterpret_cast<float4 *>(s_ml + (warp * 32 + lane) * 4) =
-            make_float4(m[0], m[1], l[0], l[1]);
-        __syncthreads();
-        if (kg == 0) {
-            float mm[2] = {m[0], m[1]};
-            for (int w = warp + rg_count; w < 4; w += rg_count) {
-                float4 ml = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
-                mm[0] = fmaxf(mm[0], ml.x);
-                mm[1] = fmaxf(mm[1], ml.y);
-            }
-            float f0 = mm[0] == -INFINITY ? 0.f : fast_exp2(m[0] - mm[0]);
-            float f1 = mm[1] == -INFINITY ? 0.f : fast_exp2(m[1] - mm[1]);
-            l[0] *= f0;
-            l[1] *= f1;
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-                o[n][0] *= f0; o[n][1] *= f0; o[n][2] *= f1; o[n][3] *= f1;
-            }
-            for (int w = warp + rg_count; w < 4; w += rg_count) {
-                float4 ml = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
-                float e0 = mm[0] == -INFINITY ? 0.f : fast_exp2(ml.x - mm[0]);
-                float e1 = mm[1] == -INFINITY ? 0.f : fast_exp2(ml.y - mm[1]);
-                l[0] += ml.z * e0;
-                l[1] += ml.w * e1;
-#pragma unroll
-                for (int n = 0; n < D / 8; ++n) {
-                    float4 x = *reinterpret_cast<const float4 *>(s_o + ((w * (D / 8) + n) * 32 + lane) * 4);
-                    o[n][0] += x.x * e0; o[n][1] += x.y * e0; o[n][2] += x.z * e1; o[n][3] += x.w * e1;
-                }
-            }
-            m[0] = mm[0];
-            m[1] = mm[1];
-        }
-    }
+    merge_warps<D>(reinterpret_cast<float *>(smem), warp, lane, kg, kg_count, rg_count, m, l, o);
 
     /* write: the final result (one split) or this split's partial result */
     if (kg == 0) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            if (!valid[r]) continue;
-            const int h = hrow[r], t = trow[r];
-            float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-            float lse_v = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
-            if (a.nsplit == 1) {
-                uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + t) * a.o_st;
-#pragma unroll
-                for (int n = 0; n < D / 8; ++n)
-                    *reinterpret_cast<uint32_t *>(orow + n * 8 + 2 * c4) =
-                        Pack2<T>::pack(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
-                if (a.lse != nullptr && c4 == 0)
-                    a.lse[b * a.lse_sb + h * a.lse_sh + q_start + t] = lse_v;
-            } else {
-                int64_t row_id = ((int64_t)b * a.heads_q + h) * a.max_q + t;
-                float *po = a.part_o + (row_id * a.nsplit + split) * D;
-#pragma unroll
-                for (int n = 0; n < D / 8; ++n)
-                    *reinterpret_cast<float2 *>(po + n * 8 + 2 * c4) =
-                        make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
-                if (c4 == 0) a.part_lse[row_id * a.nsplit + split] = lse_v;
-            }
-        }
+        for (int r = 0; r < 2; ++r)
+            if (valid[r]) write_row<T, D>(a, r, hrow[r], trow[r], b, q_start, split, c4, m, l, o);
     }
     if (a.nsplit == 1) return; /* uniform over the grid */
 

@@ -179,3 +179,72 @@ def test_compare_table_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="table"):
         evaluate.plot_comparison(table.iloc[:0], tmp_path / "empty.png")
+
+
+def pair_frames():
+    """4 questions x 3 paraphrases with lemmas and correctness given, and three pair runs.
+    Counted by hand (i, j: consistency, diversity): (0,1) 2/4, 1/4; (0,2) 1/4, 2/4;
+    (1,2) 1/4, 3/4. Empty lemmas never match."""
+    preds = {  # question: [(lemmas, correct) for paraphrase 0, 1, 2]
+        "q1": [(["paris"], True), (["paris"], True), (["rome"], False)],
+        "q2": [(["london"], False), (["berlin"], True), (["london"], False)],
+        "q3": [(["new", "york"], True), (["york"], True), (["boston"], False)],
+        "q4": [([], False), (["madrid"], False), (["madrid"], False)],
+    }
+    single = pd.DataFrame([
+        {"uuid": q, "prediction": " ".join(lem), "lemmas": lem, "correct": ok, "paraphrase_indices": [i]}
+        for q, rows in preds.items() for i, (lem, ok) in enumerate(rows)
+    ])
+
+    def pair_run(indices, correct, method="avg"):
+        return pd.DataFrame([{"uuid": q, "prediction": "x", "correct": ok, "paraphrase_indices": indices,
+                              "method": method} for q, ok in zip(preds, correct)])
+
+    pairs = [pair_run([0, 1], [True, True, True, False]),       # 3/4, gain 0
+             pair_run([2, 0], [True, False, True, False]),      # 2/4, gain 0
+             pair_run([1, 2], [True, True, False, False])]      # 2/4, gain -1/4
+    return single, pairs
+
+
+def test_pair_analysis_counts_by_hand():
+    single, pairs = pair_frames()
+    table = evaluate.pair_analysis(single, pairs)
+    assert [(int(i), int(j)) for i, j in zip(table["i"], table["j"])] == [(0, 1), (0, 2), (1, 2)]
+    assert list(table["acc_i"]) == pytest.approx([2 / 4, 2 / 4, 3 / 4])
+    assert list(table["acc_j"]) == pytest.approx([3 / 4, 0.0, 0.0])
+    assert list(table["consistency"]) == pytest.approx([2 / 4, 1 / 4, 1 / 4])
+    assert list(table["diversity"]) == pytest.approx([1 / 4, 2 / 4, 3 / 4])
+    assert list(table["acc_avg"]) == pytest.approx([3 / 4, 2 / 4, 2 / 4])
+    assert list(table["gain_avg"]) == pytest.approx([0.0, 0.0, -1 / 4])
+    corr = evaluate.pair_correlations(table)
+    gains, cons, div = [0.0, 0.0, -0.25], [0.5, 0.25, 0.25], [0.25, 0.5, 0.75]
+    import numpy as np
+    assert corr["r_consistency"].iloc[0] == pytest.approx(np.corrcoef(cons, gains)[0, 1])
+    assert corr["r_diversity"].iloc[0] == pytest.approx(np.corrcoef(div, gains)[0, 1])
+    # without pair runs: the single-paraphrase columns only
+    assert "gain_avg" not in evaluate.pair_analysis(single).columns
+
+
+def test_pair_analysis_errors():
+    single, pairs = pair_frames()
+    with pytest.raises(ValueError, match="single-paraphrase"):
+        evaluate.pair_analysis(pairs[0])
+    mixed = pd.concat([pairs[0], pairs[2]])
+    with pytest.raises(ValueError, match="one pair"):
+        evaluate.pair_analysis(single, [mixed])
+    far = pairs[0].assign(paraphrase_indices=[[0, 7]] * 4)
+    with pytest.raises(ValueError, match="no questions"):
+        evaluate.pair_analysis(single, [far])
+
+
+def test_evaluate_command_pairs(tmp_path, capsys):
+    from segflex.cli import main
+    single, pairs = pair_frames()
+    write(single.assign(method="per_prompt", answers=[["x"]] * len(single)), tmp_path / "per_prompt-3.feather")
+    (tmp_path / "diversity").mkdir()
+    for p in pairs:
+        ix = ",".join(str(i) for i in p["paraphrase_indices"].iloc[0])
+        write(p.assign(answers=[["x"]] * len(p)), tmp_path / "diversity" / f"avg-{ix}.feather")
+    assert main(["evaluate", str(tmp_path), "--png", "", "--pairs"]) == 0
+    out = capsys.readouterr().out
+    assert "consistency" in out and "r_diversity" in out and "3 pair runs" in out

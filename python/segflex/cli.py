@@ -195,7 +195,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not paths:
         raise ValueError("no Feather run files found in " + ", ".join(args.paths))
     _report(None, paths, args.png)
+    if args.pairs:
+        _report_pairs(paths)
     return 0
+
+
+def _report_pairs(paths) -> None:
+    """Pair analysis over the given files: the single-paraphrase run (per_prompt) and the
+    runs on one pair of paraphrases each (written with --indexs i,j)."""
+    import pandas as pd
+    from .evaluate import pair_analysis, pair_correlations
+    singles, pairs = [], []
+    for p in paths:
+        df = pd.read_feather(p, columns=["uuid", "paraphrase_indices"])
+        sizes = {len(ix) for ix in df["paraphrase_indices"]}
+        if sizes == {1} and df["uuid"].duplicated().any():
+            singles.append(p)
+        elif sizes == {2} and len({tuple(ix) for ix in df["paraphrase_indices"]}) == 1:
+            pairs.append(p)
+    if len(singles) != 1:
+        raise ValueError(f"--pairs needs exactly one per_prompt run among the files, found {len(singles)}")
+    table = pair_analysis(singles[0], pairs)
+    with pd.option_context("display.width", 160, "display.max_columns", 30,
+                           "display.float_format", "{:.3f}".format):
+        print(f"\npairs of paraphrases ({singles[0]}, {len(pairs)} pair runs):")
+        print(table.to_string(index=False))
+        if pairs:
+            print(pair_correlations(table).to_string(index=False))
 
 
 def cmd_paraphrase(args: argparse.Namespace) -> int:
@@ -296,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="accuracy table and bar plot of run files")
     p.add_argument("paths", nargs="+", help="Feather files or folders of them")
     p.add_argument("--png", default="accuracy.png", help="bar plot file ('' to skip)")
+    p.add_argument("--pairs", action="store_true",
+                   help="also the pair analysis: consistency and diversity of each pair of "
+                        "paraphrases (from the per_prompt run) against the ensemble's gain "
+                        "(from runs made with --indexs i,j)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("paraphrase", help="generate WebQA paraphrases with the model (cached)")

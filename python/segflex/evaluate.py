@@ -39,6 +39,8 @@ __all__ = [
     "accuracy",
     "oracle",
     "oracle_curve",
+    "pair_analysis",
+    "pair_correlations",
     "compare",
     "accuracy_table",
     "plot_comparison",
@@ -337,6 +339,97 @@ def oracle_curve(run: Any, counts: Iterable[int] = range(1, 11)):
             break
         rows.append({"num_paraphrases": k, **oracle(df, num_paraphrases=k)})
     return pd.DataFrame(rows, columns=["num_paraphrases", "or", "and", "mean", "questions"])
+
+
+def _prediction_lemmas(df) -> list[list[str]]:
+    """Lemmas of each row's prediction: the ``lemmas`` column when complete, else computed."""
+    if "lemmas" in df.columns and not df["lemmas"].isna().any():
+        return [[str(x) for x in lem] for lem in df["lemmas"]]
+    if "prediction" not in df.columns:
+        raise ValueError("run: no column 'prediction' (needed for pair consistency)")
+    return lemmatize([str(p) for p in df["prediction"]])
+
+
+def pair_analysis(single_run: Any, pair_runs: Sequence[Any] = ()):
+    """How the agreement of two paraphrases relates to what ensembling them gains.
+
+    ``single_run`` holds one row per (question, paraphrase), e.g. a ``per_prompt`` run. For
+    every pair of paraphrase indices (i, j) it gives, over the questions that have both:
+
+    * ``acc_i``, ``acc_j``: the single-paraphrase accuracies;
+    * ``consistency``: the fraction of questions whose two predictions match (bidirectional
+      lemma partial match, the rule self-consistency uses);
+    * ``diversity``: the fraction of questions where exactly one of the two is right.
+
+    Each run of ``pair_runs`` (e.g. ``diversity/avg-0,3.feather``, written with
+    ``--indexs 0,3``) has every row on one pair; it adds ``acc_{method}`` (the ensemble's
+    accuracy on that pair) and ``gain_{method}`` (that minus the better of ``acc_i`` and
+    ``acc_j``). Returns a DataFrame sorted by (i, j).
+    """
+    import itertools
+    import math
+
+    import pandas as pd
+
+    df, _ = _load(single_run)
+    idx = _indices_column(df)
+    if any(len(ix) != 1 for ix in idx):
+        raise ValueError("single_run: needs single-paraphrase rows (paraphrase_indices of length 1)")
+    flags = _correct_column(df)
+    lemmas = _prediction_lemmas(df)
+    by_q: dict[str, dict[int, tuple[bool, list[str]]]] = {}
+    for uid, ix, ok, lem in zip(df["uuid"], idx, flags, lemmas):
+        by_q.setdefault(str(uid), {})[ix[0]] = (ok, lem)
+    indices = sorted({ix[0] for ix in idx})
+    if len(indices) < 2:
+        raise ValueError("single_run: needs at least two paraphrase indices")
+
+    rows = {}
+    for i, j in itertools.combinations(indices, 2):
+        both = [got for got in by_q.values() if i in got and j in got]
+        if not both:
+            continue
+        n = len(both)
+        rows[(i, j)] = {
+            "i": i, "j": j, "questions": n,
+            "acc_i": sum(g[i][0] for g in both) / n,
+            "acc_j": sum(g[j][0] for g in both) / n,
+            "consistency": sum(partial_match(g[i][1], [g[j][1]], bidirectional=True)
+                               for g in both) / n,
+            "diversity": sum(g[i][0] != g[j][0] for g in both) / n,
+        }
+    for run in pair_runs:
+        pdf, path = _load(run)
+        pairs = {tuple(int(x) for x in ix) for ix in _indices_column(pdf)}
+        if len(pairs) != 1 or len(next(iter(pairs))) != 2:
+            name = path.name if path is not None else "a pair run"
+            raise ValueError(f"pair_runs: {name} must have every row on one pair of paraphrases")
+        key = tuple(sorted(next(iter(pairs))))
+        if key not in rows:
+            raise ValueError(f"pair_runs: pair {key} has no questions in single_run")
+        method = str(_first(pdf, "method", "") or (path.stem.split("-")[0] if path else "ensemble"))
+        pflags = _correct_column(pdf)
+        acc = sum(pflags) / len(pflags) if pflags else math.nan
+        rows[key][f"acc_{method}"] = acc
+        rows[key][f"gain_{method}"] = acc - max(rows[key]["acc_i"], rows[key]["acc_j"])
+    return pd.DataFrame([rows[k] for k in sorted(rows)])
+
+
+def pair_correlations(table):
+    """Pearson correlation of every ``gain_*`` column of :func:`pair_analysis`'s table with
+    consistency and with diversity (NaN where a column is constant or has < 3 pairs)."""
+    import pandas as pd
+
+    out = []
+    for col in [c for c in table.columns if c.startswith("gain_")]:
+        sub = table[["consistency", "diversity", col]].dropna()
+        def r(x):
+            if len(sub) < 3 or sub[x].std() == 0 or sub[col].std() == 0:
+                return float("nan")
+            return float(sub[x].corr(sub[col]))
+        out.append({"method": col[len("gain_"):], "pairs": len(sub),
+                    "r_consistency": r("consistency"), "r_diversity": r("diversity")})
+    return pd.DataFrame(out, columns=["method", "pairs", "r_consistency", "r_diversity"])
 
 
 def _first(df, col: str, default: Any = None) -> Any:

@@ -22,7 +22,7 @@
  * SEGFLEX_DECODE_IMPL=old / =new force one, for A/B runs; the old one also serves caches a
  * tensor map cannot describe. Policy below says how keys are split.
  */
-#include "common.cuh"
+#include "key_split.cuh"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,10 +58,9 @@ struct DecodeArgs {
 };
 
 template <int D> __host__ __device__ constexpr int pipe_bytes() { return NSTAGE * (2 * BN * D * 2 + BN * 4); }
-template <int D> __host__ __device__ constexpr int merge_bytes() { return 4 * (16 * D * 4 + 16 * 2 * 4); }
 template <int D> __host__ __device__ constexpr int smem_bytes()
 {
-    return (pipe_bytes<D>() > merge_bytes<D>() ? pipe_bytes<D>() : merge_bytes<D>()) +
+    return (pipe_bytes<D>() > merge_warps_bytes<D>() ? pipe_bytes<D>() : merge_warps_bytes<D>()) +
            SEG_CAP * 8;
 }
 
@@ -179,148 +178,22 @@ int take_counters(int groups)
     return (int)base;
 }
 
-/* Where 16-byte chunk `ch` of row `row` of a K/V tile lies in shared memory, for tiles
- * written by cp.async (common.cuh's padded layout); decode_tma.cuh has the copy engine's. */
-template <int D> struct CpAsyncTile {
-    static __device__ __forceinline__ uint32_t off(int row, int ch) { return tile_off<D>(row, ch); }
+/* The mask of a decode chunk: new token r (at position pos[r]) sees the keys up to itself
+ * and before the split's end kend, each with its segment's bias (kb: this tile's per-key
+ * biases, base 2, staged in shared memory). */
+struct DecodeMask {
+    const int (&pos)[2];
+    int tile_first, kend;
+    const float *kb;
+    bool has_bias;
+    float scale_log2;
+    __device__ __forceinline__ float operator()(int r, int col, float s) const
+    {
+        const int key = tile_first + col;
+        const float bias = has_bias ? kb[col] : 0.f;
+        return key <= pos[r] && key < kend ? s * scale_log2 + bias : -INFINITY;
+    }
 };
-
-/*
- * One 16-key chunk of a K/V tile for the warp's 16 query rows: S = Q K^T on mma.sync, the
- * causal limit (pos), the cache end (kend) and the key biases (kb, base 2), the online
- * softmax update of m and l, and O += P V. Keys and values sit in shared memory at sk and
- * sv, placed as Tile::off says. Both decode kernels run this; they differ only in how
- * tiles arrive.
- */
-template <typename T, int D, typename Tile>
-__device__ __forceinline__ void attend_chunk(uint32_t sk, uint32_t sv, const float *kb, bool has_bias,
-                                             int cchunk, int tile_first, const int (&pos)[2],
-                                             int kend, float scale_log2,
-                                             const uint32_t (&qf)[D / 16][4], float (&m)[2],
-                                             float (&l)[2], float (&o)[D / 8][4])
-{
-    const int lane = threadIdx.x & 31, c4 = lane & 3;
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t bf[4];
-        int key = cchunk * 16 + (lane & 7) + ((lane >> 4) << 3);
-        int ch = kk * 2 + ((lane >> 3) & 1);
-        ldsm_x4(bf, sk + Tile::off(key, ch));
-        mma16816<T>(s[0], qf[kk], bf[0], bf[1]);
-        mma16816<T>(s[1], qf[kk], bf[2], bf[3]);
-    }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < 2; ++n) {
-#pragma unroll
-            for (int x = 0; x < 2; ++x) {
-                int col = cchunk * 16 + n * 8 + 2 * c4 + x;
-                int key = tile_first + col;
-                float bias = has_bias ? kb[col] : 0.f;
-                float val = key <= pos[r] && key < kend
-                                ? s[n][2 * r + x] * scale_log2 + bias
-                                : -INFINITY;
-                s[n][2 * r + x] = val;
-                mx = fmaxf(mx, val);
-            }
-        }
-        mx = quad_max(mx);
-        float m_new = fmaxf(m[r], mx);
-        float base = m_new == -INFINITY ? 0.f : m_new;
-        alpha[r] = fast_exp2(m[r] - base);
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < 2; ++n) {
-            s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
-            s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
-            sum += s[n][2 * r] + s[n][2 * r + 1];
-        }
-        l[r] = l[r] * alpha[r] + sum;
-        m[r] = m_new;
-    }
-    uint32_t pa[4];
-    pa[0] = Pack2<T>::pack(s[0][0], s[0][1]);
-    pa[1] = Pack2<T>::pack(s[0][2], s[0][3]);
-    pa[2] = Pack2<T>::pack(s[1][0], s[1][1]);
-    pa[3] = Pack2<T>::pack(s[1][2], s[1][3]);
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-        o[2 * dp][0] *= alpha[0];
-        o[2 * dp][1] *= alpha[0];
-        o[2 * dp][2] *= alpha[1];
-        o[2 * dp][3] *= alpha[1];
-        o[2 * dp + 1][0] *= alpha[0];
-        o[2 * dp + 1][1] *= alpha[0];
-        o[2 * dp + 1][2] *= alpha[1];
-        o[2 * dp + 1][3] *= alpha[1];
-        uint32_t bf[4];
-        int key = cchunk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-        int ch = dp * 2 + (lane >> 4);
-        ldsm_x4_t(bf, sv + Tile::off(key, ch));
-        mma16816<T>(o[2 * dp], pa, bf[0], bf[1]);
-        mma16816<T>(o[2 * dp + 1], pa, bf[2], bf[3]);
-    }
-}
-
-/*
- * After the key loop: the warps that share rows (same row group, different key shares kg)
- * merge their softmax states into the warp with kg == 0, through shared memory s_o
- * ([4 warps][D/8][32 lanes][4] floats, then [4 warps][32 lanes][4] for m and l). Every
- * thread of the block calls this (it holds a barrier).
- */
-template <int D>
-__device__ __forceinline__ void merge_warps(float *s_o, int warp, int lane, int kg, int kg_count,
-                                            int rg_count, float (&m)[2], float (&l)[2],
-                                            float (&o)[D / 8][4])
-{
-    float *s_ml = s_o + 4 * 16 * D;                         /* [4 warps][32 lanes][4] */
-    l[0] = quad_sum(l[0]);
-    l[1] = quad_sum(l[1]);
-    if (kg_count > 1) {
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n)
-            *reinterpret_cast<float4 *>(s_o + ((warp * (D / 8) + n) * 32 + lane) * 4) =
-                make_float4(o[n][0], o[n][1], o[n][2], o[n][3]);
-        *reinterpret_cast<float4 *>(s_ml + (warp * 32 + lane) * 4) =
-            make_float4(m[0], m[1], l[0], l[1]);
-        __syncthreads();
-        if (kg == 0) {
-            float mm[2] = {m[0], m[1]};
-            for (int w = warp + rg_count; w < 4; w += rg_count) {
-                float4 ml = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
-                mm[0] = fmaxf(mm[0], ml.x);
-                mm[1] = fmaxf(mm[1], ml.y);
-            }
-            float f0 = mm[0] == -INFINITY ? 0.f : fast_exp2(m[0] - mm[0]);
-            float f1 = mm[1] == -INFINITY ? 0.f : fast_exp2(m[1] - mm[1]);
-            l[0] *= f0;
-            l[1] *= f1;
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-                o[n][0] *= f0; o[n][1] *= f0; o[n][2] *= f1; o[n][3] *= f1;
-            }
-            for (int w = warp + rg_count; w < 4; w += rg_count) {
-                float4 ml = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
-                float e0 = mm[0] == -INFINITY ? 0.f : fast_exp2(ml.x - mm[0]);
-                float e1 = mm[1] == -INFINITY ? 0.f : fast_exp2(ml.y - mm[1]);
-                l[0] += ml.z * e0;
-                l[1] += ml.w * e1;
-#pragma unroll
-                for (int n = 0; n < D / 8; ++n) {
-                    float4 x = *reinterpret_cast<const float4 *>(s_o + ((w * (D / 8) + n) * 32 + lane) * 4);
-                    o[n][0] += x.x * e0; o[n][1] += x.y * e0; o[n][2] += x.z * e1; o[n][3] += x.w * e1;
-                }
-            }
-            m[0] = mm[0];
-            m[1] = mm[1];
-        }
-    }
-
-}
 
 /* Writes row r of the warp (kg == 0): the final output and lse when there is one split, else
  * this split's normalised partial output and its log-sum-exp for the merge. */
@@ -465,10 +338,9 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
             const int st = t % NSTAGE;
             const uint32_t sk = spipe + st * STAGE, sv = sk + BN * D * 2;
             const float *kb = reinterpret_cast<const float *>(s_pipe + st * STAGE + 2 * BN * D * 2);
-            for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count) {
-                attend_chunk<T, D, CpAsyncTile<D>>(sk, sv, kb, has_bias, cchunk, kbeg + t * BN, pos, kend,
-                                       a.scale_log2, qf, m, l, o);
-            }
+            const DecodeMask mask{pos, kbeg + t * BN, kend, kb, has_bias, a.scale_log2};
+            for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count)
+                attend_chunk<T, D, CpAsyncTile<D>>(sk, sv, cchunk, mask, qf, m, l, o);
         }
         cp_async_wait<0>();
     }

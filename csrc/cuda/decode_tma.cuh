@@ -48,7 +48,7 @@ template <int D> __host__ __device__ constexpr int tm_off_seg() { return tm_off_
 template <int D> __host__ __device__ constexpr int tm_off_bar() { return tm_off_seg<D>() + TM_SEG_CAP * 8; }
 template <int D> __host__ __device__ constexpr int tm_smem() { return 1024 + tm_off_bar<D>() + TM_STAGES * 8 + 8; }
 static_assert(tm_smem<128>() <= (233472 - 2 * 1024) / 2 - 128, "two blocks per multiprocessor");
-static_assert(4 * (16 * 128 * 4 + 32 * 4 * 4) <= TM_STAGES * tm_stage<128>(), "warp merge area fits");
+static_assert(merge_warps_bytes<128>() <= TM_STAGES * tm_stage<128>(), "warp merge area fits");
 static_assert(tm_off_bar<64>() % 8 == 0 && tm_off_bar<128>() % 8 == 0, "mbarrier alignment");
 
 /* Shared-memory offset of 16-byte chunk `ch` (of D/8) of row `row` in a K or V tile: column
@@ -307,10 +307,9 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
 
             const uint32_t sk = sbase + st * STAGE, sv = sk + KVB;
             const float *kb = s_kbias + st * BN;
-            for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count) {
-                attend_chunk<T, D, TmaTile>(sk, sv, kb, has_bias, cchunk, kbeg + t * BN, pos, kend,
-                                       a.scale_log2, qf, m, l, o);
-            }
+            const DecodeMask mask{pos, kbeg + t * BN, kend, kb, has_bias, a.scale_log2};
+            for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count)
+                attend_chunk<T, D, TmaTile>(sk, sv, cchunk, mask, qf, m, l, o);
         }
         /* every issued tile has been waited for: no copy is still writing shared memory */
     }

@@ -1,0 +1,163 @@
+/*
+ * key_split.cuh - attention of at most 16 query rows per warp, with the keys of each tile
+ * dealt to the warps of a block in chunks of 16, and the merge of the warps' softmax states
+ * at the end. The kernels that use it have few query rows per block and need many warps on
+ * the chain of one block's tiles: the decode kernels (a few new tokens per KV head) and the
+ * short-sequence prefill kernel.
+ *
+ * A warp's state for its 16 rows, in mma.sync m16n8k16 accumulator layout: lane (g, c4)
+ * with g = lane / 4, c4 = lane % 4 holds rows g and g + 8 (index r = 0, 1), m[r] the
+ * running maximum (base 2), l[r] the running sum of this lane's columns (summed over the
+ * quad at the end), o[n][2r], o[n][2r+1] output columns n*8 + 2*c4, +1.
+ */
+#ifndef SEGFLEX_CUDA_KEY_SPLIT_CUH
+#define SEGFLEX_CUDA_KEY_SPLIT_CUH
+
+#include "common.cuh"
+
+namespace sfcuda {
+
+/* Where 16-byte chunk `ch` of row `row` of a K/V tile lies in shared memory, for tiles
+ * written by cp.async (common.cuh's swizzled layout); decode_tma.cuh has the copy engine's. */
+template <int D> struct CpAsyncTile {
+    static __device__ __forceinline__ uint32_t off(int row, int ch) { return tile_off<D>(row, ch); }
+};
+
+/*
+ * One 16-key chunk (keys cchunk*16 .. +15 of the tile) for the warp's 16 query rows:
+ * S = Q K^T on mma.sync, the mask, the online softmax update of m and l, and O += P V.
+ * Keys and values sit in shared memory at sk and sv, placed as Tile::off says.
+ * mask(r, col, s) turns the raw score s of row r and tile column col into the base-2 logit
+ * (scale, bias) or -INFINITY where the pair is not allowed.
+ */
+template <typename T, int D, typename Tile, typename Mask>
+__device__ __forceinline__ void attend_chunk(uint32_t sk, uint32_t sv, int cchunk, const Mask &mask,
+                                             const uint32_t (&qf)[D / 16][4], float (&m)[2],
+                                             float (&l)[2], float (&o)[D / 8][4])
+{
+    const int lane = threadIdx.x & 31, c4 = lane & 3;
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t bf[4];
+        int key = cchunk * 16 + (lane & 7) + ((lane >> 4) << 3);
+        int ch = kk * 2 + ((lane >> 3) & 1);
+        ldsm_x4(bf, sk + Tile::off(key, ch));
+        mma16816<T>(s[0], qf[kk], bf[0], bf[1]);
+        mma16816<T>(s[1], qf[kk], bf[2], bf[3]);
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+                const int col = cchunk * 16 + n * 8 + 2 * c4 + x;
+                const float val = mask(r, col, s[n][2 * r + x]);
+                s[n][2 * r + x] = val;
+                mx = fmaxf(mx, val);
+            }
+        }
+        mx = quad_max(mx);
+        float m_new = fmaxf(m[r], mx);
+        float base = m_new == -INFINITY ? 0.f : m_new;
+        alpha[r] = fast_exp2(m[r] - base);
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+            s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
+            s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
+            sum += s[n][2 * r] + s[n][2 * r + 1];
+        }
+        l[r] = l[r] * alpha[r] + sum;
+        m[r] = m_new;
+    }
+    uint32_t pa[4];
+    pa[0] = Pack2<T>::pack(s[0][0], s[0][1]);
+    pa[1] = Pack2<T>::pack(s[0][2], s[0][3]);
+    pa[2] = Pack2<T>::pack(s[1][0], s[1][1]);
+    pa[3] = Pack2<T>::pack(s[1][2], s[1][3]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+        o[2 * dp][0] *= alpha[0];
+        o[2 * dp][1] *= alpha[0];
+        o[2 * dp][2] *= alpha[1];
+        o[2 * dp][3] *= alpha[1];
+        o[2 * dp + 1][0] *= alpha[0];
+        o[2 * dp + 1][1] *= alpha[0];
+        o[2 * dp + 1][2] *= alpha[1];
+        o[2 * dp + 1][3] *= alpha[1];
+        uint32_t bf[4];
+        int key = cchunk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+        int ch = dp * 2 + (lane >> 4);
+        ldsm_x4_t(bf, sv + Tile::off(key, ch));
+        mma16816<T>(o[2 * dp], pa, bf[0], bf[1]);
+        mma16816<T>(o[2 * dp + 1], pa, bf[2], bf[3]);
+    }
+}
+
+/* Shared memory merge_warps needs: [4 warps][D/8][32 lanes][4] floats of o, then
+ * [4 warps][32 lanes][4] of (m0, m1, l0, l1). */
+template <int D> __host__ __device__ constexpr int merge_warps_bytes()
+{
+    return 4 * (16 * D * 4 + 32 * 4 * 4);
+}
+
+/*
+ * After the key loop of a block of 4 warps: warp w serves row group rg = w % rg_count with
+ * key share kg = w / rg_count. The warps that share rows merge their softmax states into
+ * the warp with kg == 0 through shared memory s_o (merge_warps_bytes). Every thread of the
+ * block calls this (it holds a barrier when kg_count > 1). On return l is summed over the
+ * quad, and the kg == 0 warps hold their rows' merged state.
+ */
+template <int D>
+__device__ __forceinline__ void merge_warps(float *s_o, int warp, int lane, int kg, int kg_count,
+                                            int rg_count, float (&m)[2], float (&l)[2],
+                                            float (&o)[D / 8][4])
+{
+    float *s_ml = s_o + 4 * 16 * D; /* [4 warps][32 lanes][4] */
+    l[0] = quad_sum(l[0]);
+    l[1] = quad_sum(l[1]);
+    if (kg_count == 1) return;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+        *reinterpret_cast<float4 *>(s_o + ((warp * (D / 8) + n) * 32 + lane) * 4) =
+            make_float4(o[n][0], o[n][1], o[n][2], o[n][3]);
+    *reinterpret_cast<float4 *>(s_ml + (warp * 32 + lane) * 4) = make_float4(m[0], m[1], l[0], l[1]);
+    __syncthreads();
+    if (kg != 0) return;
+    float mm[2] = {m[0], m[1]};
+    for (int w = warp + rg_count; w < 4; w += rg_count) {
+        float4 ml = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
+        mm[0] = fmaxf(mm[0], ml.x);
+        mm[1] = fmaxf(mm[1], ml.y);
+    }
+    float f0 = mm[0] == -INFINITY ? 0.f : fast_exp2(m[0] - mm[0]);
+    float f1 = mm[1] == -INFINITY ? 0.f : fast_exp2(m[1] - mm[1]);
+    l[0] *= f0;
+    l[1] *= f1;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        o[n][0] *= f0; o[n][1] *= f0; o[n][2] *= f1; o[n][3] *= f1;
+    }
+    for (int w = warp + rg_count; w < 4; w += rg_count) {
+        float4 ml = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
+        float e0 = mm[0] == -INFINITY ? 0.f : fast_exp2(ml.x - mm[0]);
+        float e1 = mm[1] == -INFINITY ? 0.f : fast_exp2(ml.y - mm[1]);
+        l[0] += ml.z * e0;
+        l[1] += ml.w * e1;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            float4 x = *reinterpret_cast<const float4 *>(s_o + ((w * (D / 8) + n) * 32 + lane) * 4);
+            o[n][0] += x.x * e0; o[n][1] += x.y * e0; o[n][2] += x.z * e1; o[n][3] += x.w * e1;
+        }
+    }
+    m[0] = mm[0];
+    m[1] = mm[1];
+}
+
+} // namespace sfcuda
+
+#endif

@@ -316,6 +316,31 @@ def test_decode_many_row_groups(d, n_new):
         check_close(out[b], refs[b][0], peers[b], f"decode seq {b}")
 
 
+@pytest.mark.parametrize("B", [1, 3, 5, 8, 16])
+def test_decode_split_counts(B):
+    """Batches whose row groups leave room for 16, 5, 3, 2 and 1 splits per group (8 kv heads on
+    a 132-SM H100), with caches shorter than one split, one key, and long ones: every split
+    count and every merge path the launch can pick, empty splits included."""
+    hkv, ratio, d = 8, 3, 128
+    rng = np.random.default_rng(B)
+    lens = [int(x) for x in rng.choice([1, 2, 63, 64, 65, 200, 700, 3000, 9000], size=B)]
+    gen = torch.Generator(device="cuda").manual_seed(100 + B)
+    s_max = max(lens) + 7
+    q = randn(B, hkv * ratio, 1, d, dtype=torch.bfloat16, gen=gen)
+    kc = randn(B, hkv, s_max, d, dtype=torch.bfloat16, gen=gen)
+    vc = randn(B, hkv, s_max, d, dtype=torch.bfloat16, gen=gen)
+    for b, n in enumerate(lens):
+        kc[b, :, n:] = float("nan")
+        vc[b, :, n:] = float("nan")
+    lays = [bias_layout(n) for n in lens]
+    out, lse = segflex.decode(q, kc, vc, torch.tensor(lens, dtype=torch.int32, device="cuda"),
+                              layouts=lays, return_lse=True)
+    refs, peers = decode_reference(q, kc, vc, lens, lays, 1 / math.sqrt(d))
+    for b in range(B):
+        check_close(out[b], refs[b][0], peers[b], f"decode seq {b} of {lens}")
+        assert (lse[b].double() - refs[b][1]).abs().max().item() <= 1e-2
+
+
 def test_decode_equals_prefill_last_rows():
     """The decode op on the last Q tokens of a sequence gives the prefill op's last rows."""
     gen = torch.Generator(device="cuda").manual_seed(3)

@@ -3,6 +3,7 @@
 Environment:
   SEGFLEX_CUDA=auto|0|1    build csrc/cuda/*.cu with nvcc (auto: when nvcc is found)
   SEGFLEX_CUDA_ARCHS=90a   semicolon-separated list of GPU architectures (e.g. "90a;80")
+  SEGFLEX_NVCC_FLAGS=...   extra nvcc flags, space-separated (e.g. "-DSEGFLEX_DECODE_STAGES=4")
   SEGFLEX_NATIVE=1         compile the C core with -march=native (0: portable x86-64-v2/AArch64 build)
   CUDA_HOME                where the CUDA toolkit lives (default: next to nvcc on PATH)
 
@@ -95,7 +96,7 @@ class BuildExt(build_ext):
             obj = out_dir / (src.stem + ".o")
             cmd = [nvcc, "-c", str(src), "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
                    "--expt-relaxed-constexpr", "-lineinfo", "-DSEGFLEX_WITH_CUDA", f"-I{CSRC}",
-                   *gencode]
+                   *gencode, *os.environ.get("SEGFLEX_NVCC_FLAGS", "").split()]
             print(" ".join(cmd), flush=True)
             subprocess.check_call(cmd)
             objects.append(str(obj))

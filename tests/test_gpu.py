@@ -319,8 +319,8 @@ def test_decode_many_row_groups(d, n_new):
 @pytest.mark.parametrize("B", [1, 3, 5, 8, 16])
 def test_decode_split_counts(B):
     """Batches whose row groups leave room for 16, 5, 3, 2 and 1 splits per group (8 kv heads on
-    a 132-SM H100), with caches shorter than one split, one key, and long ones: every split
-    count and every merge path the launch can pick, empty splits included."""
+    a 132-SM H100), with caches of one key, shorter than a split, and long ones: split counts
+    with and without the merge kernel, empty splits included."""
     hkv, ratio, d = 8, 3, 128
     rng = np.random.default_rng(B)
     lens = [int(x) for x in rng.choice([1, 2, 63, 64, 65, 200, 700, 3000, 9000], size=B)]

@@ -228,51 +228,6 @@ __device__ __forceinline__ void load_tile(uint32_t s_tile, const uint16_t *base,
     }
 }
 
-/* ------------------------------------------------- thread-block clusters (sm_90) */
-
-/* Barrier over every thread of the cluster; shared-memory writes before it (release) are
- * visible to distributed shared-memory reads after it (acquire), cluster-wide. */
-__device__ __forceinline__ void cluster_sync()
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\n"
-                 "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#else
-    __trap(); /* never launched as a cluster below sm_90 */
-#endif
-}
-
-/* The address, in the cluster's shared window, of shared address `addr` of block `rank`. */
-__device__ __forceinline__ uint32_t cluster_map(uint32_t addr, int rank)
-{
-    uint32_t r = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
-#endif
-    return r;
-}
-
-__device__ __forceinline__ float ld_cluster(uint32_t addr)
-{
-    float v = 0.f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
-#endif
-    return v;
-}
-
-__device__ __forceinline__ float4 ld_cluster4(uint32_t addr)
-{
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "r"(addr)
-                 : "memory");
-#endif
-    return v;
-}
-
 /* 2^x on the special-function unit (one instruction; 2^-inf = 0; denormals flush to 0,
  * far below what a bf16/fp16 probability can hold). */
 __device__ __forceinline__ float fast_exp2(float x)

@@ -35,10 +35,18 @@ namespace {
 
 constexpr int BN = 64;
 constexpr int THREADS = 128;
-constexpr int NSTAGE = 3;
+/* Pipeline depth and the fewest tiles per split: build-time constants (-D...) so that an A/B
+ * run can rebuild with other values; the defaults are the measured choice (Policy below). */
+#ifndef SEGFLEX_DECODE_STAGES
+#define SEGFLEX_DECODE_STAGES 3
+#endif
+#ifndef SEGFLEX_DECODE_MIN_TILES
+#define SEGFLEX_DECODE_MIN_TILES 4
+#endif
+constexpr int NSTAGE = SEGFLEX_DECODE_STAGES;
+static_assert(NSTAGE >= 2 && NSTAGE <= 6, "the pipeline fits in shared memory");
 constexpr int ROWS_PER_BLOCK = 64; /* 4 warps x 16 rows */
 constexpr int MAX_SPLITS = 64;
-constexpr int MAX_CLUSTER = 16; /* splits merged inside one cluster (16: non-portable size) */
 constexpr int SEG_CAP = 1024;
 
 struct DecodeArgs {
@@ -55,8 +63,6 @@ struct DecodeArgs {
     float *part_lse; /* [batch, heads_q, max_q, nsplit] */
     int heads_q, group, max_q, nsplit, row_chunks;
     int ctr_base;   /* first arrival counter of this launch (splits merged in the kernel) */
-    int cluster;    /* 1: the nsplit blocks of a row group are one cluster and merge in it */
-    int min_chunk;  /* fewest keys a split takes (a multiple of BN): later splits stay empty */
     float scale_log2;
 };
 
@@ -226,94 +232,6 @@ __device__ __forceinline__ void write_row(const DecodeArgs &a, int r, int h, int
     }
 }
 
-/*
- * Splits merged inside a thread-block cluster (a.cluster): the nsplit blocks of one row group
- * are one cluster. Each leaves its rows' normalised partial outputs and natural log-sum-exps
- * in its own shared memory; after a cluster barrier, block `rank` merges the group's
- * (row, 4 columns) items rank, rank + nsplit, ..., reading every block's partials through
- * distributed shared memory, and writes the output; a second barrier keeps each block's
- * shared memory alive until the others are done reading it. No workspace, no second kernel,
- * no device-wide fence: two cluster barriers and one round of shared-memory loads.
- * Every thread of the block calls this; kg == 0 warps hold their rows' merged state.
- */
-template <int D> __host__ __device__ constexpr int cluster_part_stride() { return D + 4; } /* floats; +4: no bank conflicts */
-template <int D> __host__ __device__ constexpr int cluster_bytes()
-{
-    return merge_warps_bytes<D>() + ROWS_PER_BLOCK * (cluster_part_stride<D>() + 1) * 4;
-}
-static_assert(cluster_bytes<64>() <= pipe_bytes<64>() && cluster_bytes<128>() <= pipe_bytes<128>(),
-              "the partials fit in the pipeline area, below the staged segment table");
-
-template <typename T, int D>
-__device__ __forceinline__ void cluster_merge(const DecodeArgs &a, uint8_t *smem, int rows, int rc,
-                                              int hk, int b, int q_len, int q_start, int kg, int rg,
-                                              const float (&m)[2], const float (&l)[2],
-                                              const float (&o)[D / 8][4])
-{
-    constexpr int PS = cluster_part_stride<D>();
-    const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c4 = lane & 3;
-    /* after merge_warps' area, which other warps may still be reading */
-    float *s_part = reinterpret_cast<float *>(smem + merge_warps_bytes<D>()); /* [64][PS] */
-    float *s_plse = s_part + ROWS_PER_BLOCK * PS;                                /* [64] */
-    if (kg == 0) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int lr = rg * 16 + g + r * 8;
-            if (lr >= rows) continue;
-            const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n)
-                *reinterpret_cast<float2 *>(s_part + lr * PS + n * 8 + 2 * c4) =
-                    make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
-            if (c4 == 0) s_plse[lr] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
-        }
-    }
-    cluster_sync();
-
-    const int rank = blockIdx.x; /* the cluster spans the grid's x extent: rank = split */
-    const uint32_t part = smem_addr(s_part), plse = smem_addr(s_plse);
-    constexpr int C4 = D / 4;
-    for (int i = rank + a.nsplit * tid; i < rows * C4; i += a.nsplit * THREADS) {
-        const int lr = i / C4, c = (i % C4) * 4;
-        const int rr = rc * ROWS_PER_BLOCK + lr, gi = rr / a.max_q, t = rr % a.max_q;
-        if (t >= q_len) continue;
-        /* every load issued before any is used: one round trip to the other SMs */
-        float ls[MAX_CLUSTER];
-        float4 x[MAX_CLUSTER];
-#pragma unroll
-        for (int s = 0; s < MAX_CLUSTER; ++s) {
-            if (s < a.nsplit) {
-                ls[s] = ld_cluster(cluster_map(plse + lr * 4, s));
-                x[s] = ld_cluster4(cluster_map(part + (lr * PS + c) * 4, s));
-            }
-        }
-        float mx = -INFINITY;
-#pragma unroll
-        for (int s = 0; s < MAX_CLUSTER; ++s)
-            if (s < a.nsplit) mx = fmaxf(mx, ls[s]);
-        float sum = 0.f;
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-        for (int s = 0; s < MAX_CLUSTER; ++s) {
-            if (s < a.nsplit) {
-                const float w = ls[s] == -INFINITY ? 0.f : __expf(ls[s] - mx);
-                sum += w;
-                acc.x += w * x[s].x; acc.y += w * x[s].y; acc.z += w * x[s].z; acc.w += w * x[s].w;
-            }
-        }
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-        const int h = hk * a.group + gi;
-        uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + t) * a.o_st + c;
-        uint2 pk;
-        pk.x = Pack2<T>::pack(acc.x * inv, acc.y * inv);
-        pk.y = Pack2<T>::pack(acc.z * inv, acc.w * inv);
-        *reinterpret_cast<uint2 *>(orow) = pk;
-        if (a.lse != nullptr && c == 0)
-            a.lse[b * a.lse_sb + h * a.lse_sh + q_start + t] = sum > 0.f ? mx + logf(sum) : -INFINITY;
-    }
-    cluster_sync();
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
 {
@@ -337,7 +255,7 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
     const int kg_count = 4 / rg_count;
     const int rg = warp % rg_count, kg = warp / rg_count;
 
-    const int chunk = max((((kv_len + a.nsplit - 1) / a.nsplit) + BN - 1) / BN * BN, a.min_chunk);
+    const int chunk = (((kv_len + a.nsplit - 1) / a.nsplit) + BN - 1) / BN * BN;
     const int kbeg = split * chunk;
     const int kend = min(kbeg + chunk, kv_len);
 
@@ -443,10 +361,6 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
     /* merge the warps that share rows (same rg, different key shares) */
     merge_warps<D>(reinterpret_cast<float *>(smem), warp, lane, kg, kg_count, rg_count, m, l, o);
 
-    if (a.cluster) { /* the splits of this row group merge through the cluster */
-        cluster_merge<T, D>(a, smem, rows, rc, hk, b, q_len, q_start, kg, rg, m, l, o);
-        return;
-    }
     /* write: the final result (one split) or this split's partial result */
 #pragma unroll
     for (int r = 0; r < 2; ++r)
@@ -552,7 +466,7 @@ struct Policy {
     int min_tiles;  /* fewest 64-key tiles per split (applied through the workspace size) */
     int wide_tma;   /* row groups >= SMs: 1 = decode_tma_kernel, 0 = decode_kernel */
 };
-constexpr Policy kPolicy = {1, 0, 4, 1};
+constexpr Policy kPolicy = {1, 0, SEGFLEX_DECODE_MIN_TILES, 1};
 
 const Policy &policy() { return kPolicy; }
 
@@ -581,93 +495,17 @@ int old_splits(int batch, const sf_attn_params *p, int max_q, int max_kv_len)
     return s < 1 ? 1 : (int)s;
 }
 
-/*
- * Splits merged inside a thread-block cluster (sm_90): when the row groups leave room for at
- * least two blocks each, the splits of a group run as one cluster of up to max_size blocks,
- * each split taking at least min_tiles tiles (the later splits of a short cache stay empty
- * and only take part in the merge), and merge through distributed shared memory
- * (cluster_merge): no workspace and no second kernel. SEGFLEX_DECODE_CLUSTER="size[,tiles]"
- * (read once; size 0 = off) overrides the default, for A/B runs.
- */
-struct ClusterPolicy {
-    int max_size;
-    int min_tiles;
-};
-
-const ClusterPolicy &cluster_policy()
-{
-    static const ClusterPolicy pol = [] {
-        ClusterPolicy c = {MAX_CLUSTER, 2};
-        const char *e = getenv("SEGFLEX_DECODE_CLUSTER");
-        if (e != nullptr && *e != '\0') {
-            int size = 0, tiles = c.min_tiles;
-            if (sscanf(e, "%d,%d", &size, &tiles) >= 1) {
-                c.max_size = size < 0 ? 0 : size > MAX_CLUSTER ? MAX_CLUSTER : size;
-                c.min_tiles = tiles < 1 ? 1 : tiles;
-            }
-        }
-        int dev = 0, major = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-            cudaGetLastError();
-            major = 0;
-        }
-        if (major < 9) c.max_size = 0; /* clusters need sm_90 */
-        return c;
-    }();
-    return pol;
-}
-
-/* Blocks per cluster for this shape (before the launch fits it to the device), or 0 when the
- * splits are not merged in a cluster. */
-int cluster_splits(int batch, const sf_attn_params *p, int max_q)
-{
-    const int max_size = cluster_policy().max_size;
-    if (max_size < 2) return 0;
-    int64_t s = sm_count() / row_groups(batch, p, max_q);
-    if (s > max_size) s = max_size;
-    return s >= 2 ? (int)s : 0;
-}
-
 size_t bytes_per_split(int batch, int max_q, const sf_attn_params *p)
 {
     return (size_t)batch * p->heads_q * max_q * (p->head_dim + 1) * sizeof(float);
-}
-
-/* Largest number of clusters of `size` blocks of decode_kernel<T, D> that fit on the device
- * at once (the occupancy calculator's answer, asked once per device and size). */
-template <typename T, int D> int max_active_clusters(int dev, int size)
-{
-    static int known[64][MAX_CLUSTER + 1]; /* 0: not asked yet */
-    int *slot = &known[dev & 63][size];
-    int n = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
-    if (n == 0) {
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(size, 1, 1);
-        cfg.blockDim = dim3(THREADS);
-        cfg.dynamicSmemBytes = smem_bytes<D>();
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = size;
-        attr[0].val.clusterDim.y = 1;
-        attr[0].val.clusterDim.z = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-        if (cudaOccupancyMaxActiveClusters(&n, decode_kernel<T, D>, &cfg) != cudaSuccess || n <= 0) {
-            cudaGetLastError();
-            n = -1;
-        }
-        __atomic_store_n(slot, n, __ATOMIC_RELEASE);
-    }
-    return n;
 }
 
 template <typename T, int D>
 sf_status launch(DecodeArgs a, int heads_kv, int batch, cudaStream_t stream)
 {
     constexpr int bytes = smem_bytes<D>();
-    /* the shared-memory limit and the cluster size limit are raised once per device (host-side
-     * settings, legal while a graph is being captured, but done eagerly on the first call) */
+    /* the shared-memory limit is raised once per device (a host-side setting, legal while
+     * a graph is being captured, but done eagerly on the first call anyway) */
     static unsigned long long configured = 0;
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess) return SF_ERR_CUDA;
@@ -676,49 +514,32 @@ sf_status launch(DecodeArgs a, int heads_kv, int batch, cudaStream_t stream)
         if (cudaFuncSetAttribute(decode_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  bytes) != cudaSuccess)
             return SF_ERR_CUDA;
-        if (cudaFuncSetAttribute(decode_kernel<T, D>, cudaFuncAttributeNonPortableClusterSizeAllowed,
-                                 1) != cudaSuccess)
-            cudaGetLastError(); /* portable sizes (up to 8) only */
         __atomic_fetch_or(&configured, bit, __ATOMIC_RELEASE);
     }
-    const int groups = heads_kv * a.row_chunks * batch;
-    if (a.cluster) {
-        /* the row groups' clusters must all be resident at once, or a second wave doubles
-         * the time: shrink the cluster until they are (a size the device refuses counts 0) */
-        while (a.nsplit > 2 && max_active_clusters<T, D>(dev, a.nsplit) < groups) --a.nsplit;
-    }
-    /* Programmatic dependent launch: this grid is scheduled while the previous kernel of
-     * the stream drains (the kernel waits in griddepcontrol.wait before reading anything). */
+    /* Programmatic dependent launches: the split kernel is scheduled while the previous
+     * kernel of the stream drains, the merge kernel while the split kernel runs; each waits
+     * in griddepcontrol.wait before reading what the one before wrote. */
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(a.nsplit, heads_kv * a.row_chunks, batch);
     cfg.blockDim = dim3(THREADS);
     cfg.dynamicSmemBytes = bytes;
     cfg.stream = stream;
-    cudaLaunchAttribute attr[2];
+    cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
-    attr[1].id = cudaLaunchAttributeClusterDimension;
-    attr[1].val.clusterDim.x = a.nsplit;
-    attr[1].val.clusterDim.y = 1;
-    attr[1].val.clusterDim.z = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = a.cluster ? 2 : 1;
+    cfg.numAttrs = 1;
     if (cudaLaunchKernelEx(&cfg, decode_kernel<T, D>, a) != cudaSuccess) {
-        cudaGetLastError(); /* without the programmatic launch: as correct, a little later */
-        cfg.attrs = attr + 1;
-        cfg.numAttrs = a.cluster ? 1 : 0;
-        if (cudaLaunchKernelEx(&cfg, decode_kernel<T, D>, a) != cudaSuccess) return SF_ERR_CUDA;
+        cudaGetLastError(); /* no programmatic launch here: a plain one is as correct */
+        decode_kernel<T, D><<<cfg.gridDim, THREADS, bytes, stream>>>(a);
+        if (cudaGetLastError() != cudaSuccess) return SF_ERR_CUDA;
     }
-    if (a.nsplit > 1 && !a.cluster) {
-        /* The merge kernel, also a programmatic dependent: scheduled while the split kernel
-         * runs, it waits in griddepcontrol.wait for its results. */
+    if (a.nsplit > 1) {
         cfg.gridDim = dim3(a.max_q, a.heads_q, batch);
         cfg.blockDim = dim3(32);
         cfg.dynamicSmemBytes = 0;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
         if (cudaLaunchKernelEx(&cfg, combine_kernel<T, D>, a) != cudaSuccess) {
-            cudaGetLastError();
+            cudaGetLastError(); /* no programmatic launch here: a plain one is as correct */
             combine_kernel<T, D><<<cfg.gridDim, 32, 0, stream>>>(a);
         }
     }
@@ -794,8 +615,6 @@ extern "C" size_t sf_cuda_workspace_bytes(int32_t batch, int32_t max_q_len, int3
     if (params == nullptr || batch <= 0 || max_q_len <= 0 || params->heads_kv <= 0 ||
         params->heads_q <= 0 || params->heads_q % params->heads_kv != 0)
         return 0;
-    if (!use_tma(batch, params, max_q_len) && cluster_splits(batch, params, max_q_len) > 0)
-        return 0; /* merged in the cluster */
     const int s = use_tma(batch, params, max_q_len)
                       ? tma_splits(batch, params, max_q_len, max_kv_len)
                       : old_splits(batch, params, max_q_len, max_kv_len);
@@ -850,8 +669,6 @@ extern "C" sf_status sf_cuda_decode(const sf_layouts *layouts, const sf_seqs *se
 
     a.part_o = (float *)workspace;
     a.ctr_base = 0;
-    a.cluster = 0;
-    a.min_chunk = BN;
     if ((int64_t)a.row_chunks * params->heads_kv > 65535) return SF_ERR_ARGUMENT;
     const size_t per = bytes_per_split(seqs->batch, seqs->max_q_len, params);
     const size_t fit =
@@ -880,15 +697,7 @@ extern "C" sf_status sf_cuda_decode(const sf_layouts *layouts, const sf_seqs *se
         if (r != SF_ERR_ARGUMENT || decode_impl() == IMPL_TMA_STRICT) return r;
         /* K or V has no tensor-map description (odd strides): the old kernel serves it */
     }
-    const int csize = cluster_splits(seqs->batch, params, seqs->max_q_len);
-    if (csize > 0) {
-        a.cluster = 1;
-        a.nsplit = csize;
-        a.min_chunk = cluster_policy().min_tiles * BN;
-        a.part_o = a.part_lse = nullptr;
-    } else {
-        set_splits(old_splits(seqs->batch, params, seqs->max_q_len, 0));
-    }
+    set_splits(old_splits(seqs->batch, params, seqs->max_q_len, 0));
     if (params->head_dim == 64)
         return bf ? launch<__nv_bfloat16, 64>(a, params->heads_kv, seqs->batch, st)
                   : launch<__half, 64>(a, params->heads_kv, seqs->batch, st);

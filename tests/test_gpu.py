@@ -229,6 +229,78 @@ def test_prefill_long_sequence_many_tiles(d):
     check_close(out[0], ref, peer, "long")
 
 
+def _few_rows_layouts():
+    """Long shared prefixes before short isolated segments and a short global tail, with
+    biases, of nearly equal lengths (so that a padded batch gives every sequence rows)."""
+    lay = segflex.SegmentLayout
+    return [lay([300, 40, 37, 9], ["shared", "isolated", "isolated", "global"],
+                [0.0, -1.1, 0.7, 0.0]),
+            lay([290, 50, 45], ["shared", "isolated", "isolated"]),
+            lay([3, 250, 61, 1, 70], ["shared", "shared", "isolated", "global", "isolated"],
+                [0.0, 0.4, -2.5, 0.0, -0.3])]
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dt", sorted(DTYPES))
+@pytest.mark.parametrize("packed", [False, True])
+def test_prefill_few_rows_long_prefix(d, dt, packed):
+    """1..17 query rows at the end of a few hundred keys (the short-problem kernel's 16-row
+    blocks, partial and whole, and a second block of one row), every query seeing a long
+    shared prefix (full tiles) and a few partial tiles; a padded batch (NaN past every
+    sequence's end) and a packed one. Small grids: the automatic choice takes the
+    short-problem kernel here (SEGFLEX_PREFILL_IMPL forces the others)."""
+    dtype, hkv, ratio = DTYPES[dt], 2, 3
+    hq = ratio * hkv
+    lays = _few_rows_layouts()
+    lens = [len(x) for x in lays]
+    scale = 1.0 / math.sqrt(d)
+    gen = torch.Generator(device="cuda").manual_seed(d + 2 * packed)
+    for ql in range(1, 18):
+        if packed:
+            q_lens = [ql, max(1, ql - 3), 18 - ql]
+            cu_k = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+            cu_q = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+            q = randn(int(cu_q[-1]), hq, d, dtype=dtype, gen=gen)
+            k = randn(int(cu_k[-1]), hkv, d, dtype=dtype, gen=gen)
+            v = randn(int(cu_k[-1]), hkv, d, dtype=dtype, gen=gen)
+            out, lse = segflex.attention(q, k, v, lays, scale=scale, return_lse=True,
+                                         cu_seqlens_q=torch.as_tensor(cu_q, device="cuda"),
+                                         cu_seqlens_k=torch.as_tensor(cu_k, device="cuda"))
+            views = []
+            for b in range(len(lays)):
+                qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+                views.append((q[qs].transpose(0, 1), k[ks].transpose(0, 1),
+                              v[ks].transpose(0, 1), out[qs].transpose(0, 1), lse[:, qs],
+                              q_lens[b]))
+        else:
+            lk = max(lens) + 2
+            lq = ql + (lk - max(lens))
+            q = randn(len(lays), hq, lq, d, dtype=dtype, gen=gen)
+            k = randn(len(lays), hkv, lk, d, dtype=dtype, gen=gen)
+            v = randn(len(lays), hkv, lk, d, dtype=dtype, gen=gen)
+            for b, n in enumerate(lens):  # never read past a sequence's end
+                k[b, :, n:] = float("nan")
+                v[b, :, n:] = float("nan")
+                q[b, :, max(0, n - (lk - lq)):] = float("nan")
+            out, lse = segflex.attention(q, k, v, lays, scale=scale, return_lse=True)
+            views = []
+            for b, n in enumerate(lens):
+                qn = max(0, n - (lk - lq))
+                views.append((q[b, :, :qn], k[b, :, :n], v[b, :, :n], out[b, :, :qn],
+                              lse[b, :, :qn], qn))
+                assert (out[b, :, qn:] == 0).all(), "padding rows must come out 0"
+        for b, (qb, kb, vb, ob, lb, qn) in enumerate(views):
+            if qn == 0:
+                continue
+            n = lens[b]
+            mask, bias = dense_mask_bias(lays[b], np.arange(n - qn, n), n)
+            ref, ref_lse = reference(qb, kb, vb, mask, bias, scale)
+            peer = sdpa_peer(qb, kb, vb, mask, bias, scale)
+            check_close(ob, ref, peer, f"{qn} rows, seq {b}")
+            lse_err = (lb.double() - ref_lse).abs().max().item()
+            assert lse_err <= 1e-2 + 1e-3 * ref_lse.abs().max().item(), f"lse error {lse_err}"
+
+
 # ----------------------------------------------------------------------- decode
 def decode_reference(q, kc, vc, lens, lays, scale):
     """Per sequence: new tokens are global, causal over the cache plus each key's bias."""

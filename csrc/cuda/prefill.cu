@@ -1,25 +1,32 @@
 /*
- * prefill.cu - segment-masked attention over whole sequences (sf_cuda_attention).
+ * prefill.cu - segment-masked attention over whole sequences (sf_cuda_attention):
+ * the mma.sync kernel, and the entry point that picks one of the three prefill kernels.
  *
  * One block of 4 warps takes 64 query rows of one head of one sequence; each
  * warp owns 16 rows. Keys come in tiles of 64. Before touching K/V the block
  * classifies every key tile that lies at or before its last query, straight
- * from the segment table: empty tiles never enter the plan (never loaded),
+ * from the segment table (plan.cuh): empty tiles never enter the plan (never loaded),
  * full tiles run without any mask arithmetic, partial tiles evaluate the mask
  * and the bias in registers from per-key segment ids computed on the fly.
  * Q K^T and P V run on mma.sync m16n8k16 with fp32 accumulators; the softmax
  * is online, in fp32, in base 2. K and V of the query head's KV head are read
  * in place (GQA of any ratio, no copy).
  *
- * On sm_90 with head dim 128, sf_cuda_attention hands large problems to the
- * wgmma kernel of prefill_sm90.cu (same plan, same semantics); this kernel is the
- * fallback for everything else. SEGFLEX_PREFILL_IMPL=mma|wgmma|auto (read once)
- * forces one or the other for A/B runs.
+ * The kernels (same plan, same semantics; prefill.cuh lists them):
+ *   small  prefill_small.cu: 16 rows per block, each tile's keys dealt to the 4 warps.
+ *          Taken when this kernel's grid would not fill the GPU (fewer than two 64-row
+ *          blocks per SM): there the time is the chain of the block with the most tiles.
+ *   wgmma  prefill_sm90.cu: sm_90 and head dim 128, sequences of at least 512 queries
+ *          and at least one of its 128-row blocks per SM.
+ *   mma    this file: everything else.
+ * SEGFLEX_PREFILL_IMPL=mma|wgmma|small|auto (read once per process) forces one kernel
+ * wherever it can run, for A/B runs; use_small and use_sm90 below hold the rules.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "common.cuh"
+#include "plan.cuh"
 #include "prefill.cuh"
 
 namespace sfcuda {
@@ -30,7 +37,6 @@ constexpr int BN = 64;          /* keys per tile */
 constexpr int THREADS = 128;    /* 4 warps x 16 rows */
 constexpr int PLAN_CAP = 1024;  /* key tiles classified per planning round */
 constexpr int SEG_CAP = 1024;   /* segment tables up to this size are staged in shared memory */
-constexpr uint32_t FULL_BIT = 0x80000000u;
 
 template <int D> constexpr int smem_bytes()
 {
@@ -99,23 +105,12 @@ __global__ void __launch_bounds__(THREADS, 2) prefill_kernel(const PrefillArgs a
 
     /* The sequence's segment table, staged in shared memory when small. */
     SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
-    if (view.n <= SEG_CAP) {
-        for (int s = tid; s < view.n; s += THREADS) {
-            s_end[s] = view.end[s];
-            s_kind[s] = view.kind[s];
-            s_bias[s] = view.bias ? view.bias[s] : 0.f;
-        }
-        view.end = s_end;
-        view.kind = s_kind;
-        view.bias = s_bias;
-    }
+    stage_table<THREADS>(view, SEG_CAP, s_end, s_kind, s_bias, tid);
     __syncthreads();
     auto write_facts = [&](int j, int st) {
         if (tid < BN) {
             KeyFacts f = facts(st);
-            int sg = view.seg(j * BN + tid);
-            f.seg[tid] = view.kind_of(sg) == SF_SHARED ? -1 : sg; /* -1: seen by all */
-            f.bias[tid] = view.bias_of(sg) * kLog2e;
+            key_facts(view, j * BN + tid, &f.seg[tid], &f.bias[tid]);
         }
     };
     write_facts(jlast, 0);
@@ -143,32 +138,8 @@ __global__ void __launch_bounds__(THREADS, 2) prefill_kernel(const PrefillArgs a
         const int jbase = max(0, jtop - PLAN_CAP);
         const int ncand = jtop - jbase;
         /* ---- plan: classify candidate tiles, keep the non-empty ones in order */
-        int nplan = 0;
-        for (int c0 = 0; c0 < ncand; c0 += THREADS) {
-            int j = jbase + c0 + tid;
-            int cls = SF_BLOCK_EMPTY;
-            if (c0 + tid < ncand) {
-                bool nb;
-                int k0 = j * BN, k1 = min(k0 + BN - 1, kv_len - 1);
-                cls = classify_rect(view, p0, p1, k0, k1, &nb);
-                if (cls == SF_BLOCK_FULL && (nb || k0 + BN > kv_len)) cls = SF_BLOCK_PARTIAL;
-            }
-            bool keep = cls != SF_BLOCK_EMPTY;
-            unsigned ballot = __ballot_sync(0xffffffffu, keep);
-            if (lane == 0) s_count[warp] = __popc(ballot);
-            __syncthreads();
-            int before = nplan, total = nplan;
-#pragma unroll
-            for (int w = 0; w < THREADS / 32; ++w) {
-                if (w < warp) before += s_count[w];
-                total += s_count[w];
-            }
-            if (keep)
-                s_plan[before + __popc(ballot & ((1u << lane) - 1u))] =
-                    (uint32_t)j | (cls == SF_BLOCK_FULL ? FULL_BIT : 0u);
-            nplan = total;
-            __syncthreads();
-        }
+        const int nplan =
+            plan_round<BN, THREADS>(view, p0, p1, kv_len, jbase, ncand, s_plan, s_count, tid);
         if (nplan == 0) continue;
         if (jtop != jlast + 1) { /* later rounds: the first tile was not fetched yet */
             uint32_t e = s_plan[nplan - 1];
@@ -337,21 +308,81 @@ template <typename T, int D> sf_status launch(const PrefillArgs &a, int heads_q,
     return last_launch_status();
 }
 
-/* SEGFLEX_PREFILL_IMPL: 0 = auto, 1 = mma (this file), 2 = wgmma (prefill_sm90.cu). */
+/* SEGFLEX_PREFILL_IMPL (read once per process): unset or "auto" picks per call (below);
+ * "mma", "wgmma" and "small" force one kernel for A/B runs wherever it can run. */
+enum { IMPL_AUTO = 0, IMPL_MMA = 1, IMPL_WGMMA = 2, IMPL_SMALL = 3 };
 int impl_choice()
 {
     static const int choice = [] {
         const char *e = getenv("SEGFLEX_PREFILL_IMPL");
-        if (e != nullptr && strcmp(e, "mma") == 0) return 1;
-        if (e != nullptr && strcmp(e, "wgmma") == 0) return 2;
-        return 0;
+        if (e != nullptr && strcmp(e, "mma") == 0) return (int)IMPL_MMA;
+        if (e != nullptr && strcmp(e, "wgmma") == 0) return (int)IMPL_WGMMA;
+        if (e != nullptr && strcmp(e, "small") == 0) return (int)IMPL_SMALL;
+        return (int)IMPL_AUTO;
     }();
     return choice;
 }
 
+/* The current device's SM count, and whether it is compute capability 9.0 (the wgmma
+ * kernel is built for sm_90a only); cached per device. Returns 0 when it cannot be read. */
+int device_sms(bool *sm90)
+{
+    static int info[64]; /* per device: 0 unknown, else 2 * SM count + (sm_90 ? 1 : 0) */
+    int dev = 0;
+    *sm90 = false;
+    if (cudaGetDevice(&dev) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    int *slot = &info[dev & 63];
+    int known = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+    if (known == 0) {
+        int major = 0, minor = 0, sms = 0;
+        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+            sms <= 0) {
+            cudaGetLastError();
+            return 0;
+        }
+        known = 2 * sms + (major == 9 && minor == 0 ? 1 : 0);
+        __atomic_store_n(slot, known, __ATOMIC_RELEASE);
+    }
+    *sm90 = (known & 1) != 0;
+    return known >> 1;
+}
+
+/*
+ * Whether the short-problem kernel (prefill_small.cu) takes this call. In auto mode: when
+ * the mma kernel's grid of 64-row blocks would not fill the GPU, i.e. fewer than two
+ * blocks per SM (the mma kernel's occupancy). Then the time is not throughput but the chain
+ * of the slowest block (the one holding the last rows, which has the most key tiles, all
+ * run one after another in each of its warps), and the small kernel shortens that chain
+ * four ways (16-row blocks, every tile's keys dealt to the 4 warps) at the price of 4x the
+ * blocks and of loading each tile for 16 rows instead of 64. A grid that fills the GPU is
+ * throughput-bound, and there the 4x K/V traffic and the per-block merge cost more than
+ * they save. Examples (24 query heads, 132 SMs, limit 264): one sequence of 256 tokens:
+ * 24 x 4 = 96 blocks -> small; one of 2,016: 24 x 32 = 768 -> mma/wgmma; 32 sequences of
+ * ~270: 24 x 32 x 5 = 3,840 -> mma.
+ */
+constexpr int SMALL_MAX_MMA_BLOCKS_PER_SM = 2;
+
+bool use_small(int heads_q, int batch, int max_q_len)
+{
+    const int choice = impl_choice();
+    if (choice == IMPL_MMA || choice == IMPL_WGMMA) return false;
+    if ((max_q_len + SMALL_BM - 1) / SMALL_BM > 65535) return false; /* grid y limit */
+    if (choice == IMPL_SMALL) return true;
+    bool sm90;
+    const int sms = device_sms(&sm90);
+    if (sms <= 0) return false;
+    const long long mma_blocks = (long long)heads_q * batch * ((max_q_len + BM - 1) / BM);
+    return mma_blocks < (long long)SMALL_MAX_MMA_BLOCKS_PER_SM * sms;
+}
+
 /*
  * Whether the wgmma kernel takes this call: head dim 128 on a compute capability 9.0
- * device, unless mma is forced. In auto mode it also needs at least one of its
+ * device, unless another kernel is forced. In auto mode it also needs at least one of its
  * 128-row blocks per SM (below that the 64-row blocks of the mma kernel spread the
  * work over twice as many SMs and a short problem is latency-bound anyway) and
  * sequences of at least SM90_MIN_ROWS queries: with short sequences the 128x128 tiles
@@ -364,29 +395,15 @@ constexpr int SM90_MIN_ROWS = 512;
 bool use_sm90(int head_dim, int heads_q, int batch, int max_q_len)
 {
     const int choice = impl_choice();
-    if (choice == 1 || head_dim != 128) return false;
-    static int sm_count[64]; /* per device: 0 unknown, -1 not sm_90, else SM count */
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return false;
-    int *slot = &sm_count[dev & 63];
-    int known = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
-    if (known == 0) {
-        int major = 0, minor = 0, sms = 0;
-        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-            cudaGetLastError();
-            return false;
-        }
-        known = (major == 9 && minor == 0 && sms > 0) ? sms : -1;
-        __atomic_store_n(slot, known, __ATOMIC_RELEASE);
-    }
-    if (known < 0) return false;
-    if (choice == 2) return true;
+    if (choice == IMPL_MMA || choice == IMPL_SMALL || head_dim != 128) return false;
+    bool sm90;
+    const int sms = device_sms(&sm90);
+    if (!sm90) return false;
+    if (choice == IMPL_WGMMA) return true;
     if (max_q_len < SM90_MIN_ROWS) return false;
     const long long blocks =
         (long long)heads_q * batch * ((max_q_len + SM90_BM - 1) / SM90_BM);
-    return blocks >= known;
+    return blocks >= sms;
 }
 
 } // namespace
@@ -452,6 +469,9 @@ extern "C" sf_status sf_cuda_attention(const sf_layouts *layouts, const sf_seqs 
 
     cudaStream_t st = (cudaStream_t)stream;
     const bool bf = params->dtype == SF_BFLOAT16;
+    if (use_small(params->heads_q, seqs->batch, seqs->max_q_len))
+        return launch_prefill_small(a, bf, params->head_dim, params->heads_q, seqs->batch,
+                                    seqs->max_q_len, st);
     if (use_sm90(params->head_dim, params->heads_q, seqs->batch, seqs->max_q_len))
         return launch_prefill_sm90(a, bf, params->heads_q, seqs->batch, seqs->max_q_len, st);
     if (params->head_dim == 64)

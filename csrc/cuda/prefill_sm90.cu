@@ -11,7 +11,7 @@
  *               facts of partial tiles, and signals each stage through mbarriers
  *
  * The producer hands registers to the consumers (setmaxnreg: 56 / 224 per thread).
- * The tile plan is the one of prefill.cu: before touching K/V the whole block
+ * The tile plan is the one of prefill.cu (plan.cuh): before touching K/V the whole block
  * classifies every key tile at or before its last query from the segment table
  * (classify_rect); empty tiles never enter the plan, full tiles run without mask
  * arithmetic, partial tiles evaluate the mask and bias in registers. Tiles are
@@ -61,6 +61,7 @@
  *    by key row. Q the same with query rows.
  */
 #include "common.cuh"
+#include "plan.cuh"
 #include "prefill.cuh"
 
 namespace sfcuda {
@@ -72,7 +73,6 @@ constexpr int BN = 128;              /* keys per tile */
 constexpr int CONSUMERS = 256;       /* warpgroups 0 and 1 */
 constexpr int PRODUCERS = 128;       /* warpgroup 2 */
 constexpr int THREADS = CONSUMERS + PRODUCERS;
-constexpr int WARPS = THREADS / 32;
 /* Registers per thread after the split (setmaxnreg). The block starts at 65536 / 384
  * = 168 (rounded down to 8) for everyone; the producer gives back down to 56, which
  * frees 112 x 128 registers, exactly the 56 x 256 the consumers take to reach 224.
@@ -81,7 +81,6 @@ constexpr int PRODUCER_REGS = 56;
 constexpr int CONSUMER_REGS = 224;
 constexpr int PLAN_CAP = 512;        /* key tiles classified per planning round */
 constexpr int SEG_CAP = 1024;        /* segment tables up to this size are staged in smem */
-constexpr uint32_t FULL_BIT = 0x80000000u;
 
 /* shared memory (offsets from a 1024-aligned base) */
 constexpr int HALF_Q = BM * 128;                /* one 64-column half of Q */
@@ -254,46 +253,6 @@ __device__ __forceinline__ void load_rows_sw128(uint32_t s_tile, const uint16_t 
     }
 }
 
-/*
- * One planning round (all threads of the block): classify key tiles jbase ..
- * jbase+ncand-1 against query positions [p0, p1] and keep the non-empty ones, in
- * ascending order, in s_plan (FULL_BIT marks tiles that need no mask). Returns the
- * count. Called from both roles' code, so the block barriers inside meet.
- */
-__device__ __forceinline__ int make_plan(const SegView &view, int p0, int p1, int kv_len,
-                                         int jbase, int ncand, uint32_t *s_plan,
-                                         int32_t *s_count, int tid)
-{
-    const int warp = tid >> 5, lane = tid & 31;
-    int nplan = 0;
-    for (int c0 = 0; c0 < ncand; c0 += THREADS) {
-        const int j = jbase + c0 + tid;
-        int cls = SF_BLOCK_EMPTY;
-        if (c0 + tid < ncand) {
-            bool nb;
-            const int k0 = j * BN, k1 = min(k0 + BN - 1, kv_len - 1);
-            cls = classify_rect(view, p0, p1, k0, k1, &nb);
-            if (cls == SF_BLOCK_FULL && (nb || k0 + BN > kv_len)) cls = SF_BLOCK_PARTIAL;
-        }
-        const bool keep = cls != SF_BLOCK_EMPTY;
-        const unsigned ballot = __ballot_sync(0xffffffffu, keep);
-        if (lane == 0) s_count[warp] = __popc(ballot);
-        __syncthreads();
-        int before = nplan, total = nplan;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            if (w < warp) before += s_count[w];
-            total += s_count[w];
-        }
-        if (keep)
-            s_plan[before + __popc(ballot & ((1u << lane) - 1u))] =
-                (uint32_t)j | (cls == SF_BLOCK_FULL ? FULL_BIT : 0u);
-        nplan = total;
-        __syncthreads();
-    }
-    return nplan;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillArgs a)
 {
@@ -367,16 +326,7 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
 
     /* The sequence's segment table, staged in shared memory when small. */
     SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
-    if (view.n <= SEG_CAP) {
-        for (int s = tid; s < view.n; s += THREADS) {
-            s_end[s] = view.end[s];
-            s_kind[s] = view.kind[s];
-            s_bias[s] = view.bias ? view.bias[s] : 0.f;
-        }
-        view.end = s_end;
-        view.kind = s_kind;
-        view.bias = s_bias;
-    }
+    stage_table<THREADS>(view, SEG_CAP, s_end, s_kind, s_bias, tid);
     __syncthreads(); /* barriers initialised, table staged */
 
     int n = 0; /* steps done so far, all rounds: stage n&1, its use number n>>1 */
@@ -386,7 +336,8 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
         for (int jtop = jlast + 1; jtop > 0; jtop -= PLAN_CAP) {
             const int jbase = max(0, jtop - PLAN_CAP);
-            const int nplan = make_plan(view, p0, p1, kv_len, jbase, jtop - jbase, s_plan, s_count, tid);
+            const int nplan = plan_round<BN, THREADS>(view, p0, p1, kv_len, jbase, jtop - jbase,
+                                                      s_plan, s_count, tid);
             /* step i (0..nplan) of a round: K of plan tile i and V of plan tile i - 1
              * (the plan runs from its last entry down) */
             for (int i = 0; i <= nplan; ++i, ++n) {
@@ -401,9 +352,7 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
                 if (jk >= 0 && !(ek & FULL_BIT)) { /* per-key facts for the mask */
                     int32_t *fseg = s_facts + (n % FACT_SLOTS) * 2 * BN;
                     float *fbias = reinterpret_cast<float *>(fseg + BN);
-                    const int sg = view.seg(jk * BN + pt);
-                    fseg[pt] = view.kind_of(sg) == SF_SHARED ? -1 : sg; /* -1: seen by all */
-                    fbias[pt] = view.bias_of(sg) * kLog2e;
+                    key_facts(view, jk * BN + pt, &fseg[pt], &fbias[pt]);
                 }
                 /* K landed (V may still fly): make it visible to the tensor cores, signal */
                 cp_async_wait<1>();
@@ -476,7 +425,8 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
 
     for (int jtop = jlast + 1; jtop > 0; jtop -= PLAN_CAP) {
         const int jbase = max(0, jtop - PLAN_CAP);
-        const int nplan = make_plan(view, p0, p1, kv_len, jbase, jtop - jbase, s_plan, s_count, tid);
+        const int nplan = plan_round<BN, THREADS>(view, p0, p1, kv_len, jbase, jtop - jbase,
+                                                  s_plan, s_count, tid);
         if (n == 0) mbar_wait(bar_q, 0);
         /* step i (0..nplan): P V of plan tile i - 1 (its P is in pa, its V in this
          * stage) and S = Q K^T of plan tile i (its K in this stage), then the

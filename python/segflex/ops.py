@@ -184,19 +184,20 @@ def _prefill_geometry(q, k, table: LayoutTable, cu_seqlens_q, cu_seqlens_k) -> _
 
 def _tensor_geometry(q, k, seg_ptr, seg_end, cu_q, cu_k, max_seqlen_q: int) -> _Geometry:
     """The same geometry computed with torch on the tensors' device: no host round trip, so
-    new lengths neither synchronise nor recompile (the wrapper has checked them already)."""
+    new lengths neither synchronise nor recompile (the wrapper has checked them already).
+    Few small kernels: the C side reads only the first ``batch`` entries of each array, so
+    cu_seqlens serve as the start offsets as they are."""
     import torch
     i32 = torch.int32
-    lengths = seg_end[(seg_ptr[1:] - 1).long()].to(i32)
     if cu_q is None:
+        batch = seg_ptr.shape[0] - 1
+        lengths = seg_end.index_select(0, seg_ptr[1:] - 1)  # each sequence's last segment end
         Lq, Lk = q.shape[2], k.shape[2]
-        q_len = (lengths - (Lk - Lq)).clamp_min(0).to(i32)
-        zeros = torch.zeros_like(lengths)
+        q_len = lengths if Lq == Lk else (lengths - (Lk - Lq)).clamp_min(0).to(i32)
+        zeros = _constant_rows(batch, 0, q.device)[0]
         return _Geometry(zeros, q_len, zeros, lengths, Lq, packed=False)
     cu_q, cu_k = cu_q.to(q.device, i32), cu_k.to(q.device, i32)
-    return _Geometry(cu_q[:-1].contiguous(), (cu_q[1:] - cu_q[:-1]).contiguous(),
-                     cu_k[:-1].contiguous(), (cu_k[1:] - cu_k[:-1]).contiguous(), max_seqlen_q,
-                     packed=True)
+    return _Geometry(cu_q, torch.diff(cu_q), cu_k, torch.diff(cu_k), max_seqlen_q, packed=True)
 
 
 # ------------------------------------------------------------------------- the C call
@@ -412,7 +413,7 @@ def _register_torch_ops() -> None:
             table = LayoutTable(seg_ptr, seg_end, seg_kind, seg_bias, None, (0,) * B)
         out = _new_out(q, False, zeros=False)
         lse = _empty_lse(q, False, return_lse)
-        zeros, news = _decode_rows(B, n_new, q.device)
+        zeros, news = _constant_rows(B, n_new, q.device)
         geo = _Geometry(zeros, news, zeros, cache_lens.to(torch.int32).contiguous(), n_new,
                         packed=False)
         if q.is_cuda:
@@ -447,9 +448,10 @@ def _new_out(q, packed: bool, zeros: bool):
 _row_constants: dict = {}
 
 
-def _decode_rows(batch: int, n_new: int, device):
-    """(q_start = k_start = 0, q_len = n_new) of a decode call: constants, made once (no
-    kernels per call, and safe to capture in a CUDA graph)."""
+def _constant_rows(batch: int, n_new: int, device):
+    """(zeros, n_new) int32 vectors of a batch: the row starts and lengths of a decode call,
+    and the zero starts of a padded prefill. Constants, made once (no kernels per call, and
+    safe to capture in a CUDA graph)."""
     import torch
     key = (batch, n_new, str(device))
     if key not in _row_constants:

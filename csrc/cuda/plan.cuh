@@ -1,0 +1,100 @@
+/*
+ * plan.cuh - the tile plan of the prefill kernels: which key tiles a block of query rows
+ * has to visit, and which of them need the mask.
+ *
+ * Before touching K/V, a block classifies every key tile at or before its last query
+ * against its rows straight from the segment table (classify_rect): empty tiles never
+ * enter the plan (never loaded), full tiles run without mask arithmetic, partial tiles
+ * evaluate the mask and the bias per key. The three prefill kernels (prefill.cu,
+ * prefill_sm90.cu, prefill_small.cu) plan the same way and differ only in tile sizes and
+ * thread counts, so the planning code lives here once.
+ */
+#ifndef SEGFLEX_CUDA_PLAN_CUH
+#define SEGFLEX_CUDA_PLAN_CUH
+
+#include "common.cuh"
+
+namespace sfcuda {
+
+/* A plan entry is a key tile index, with this bit set when the tile needs no mask. */
+constexpr uint32_t FULL_BIT = 0x80000000u;
+
+/*
+ * One planning round, called by all THREADS threads of the block (it holds block barriers):
+ * classifies key tiles jbase .. jbase+ncand-1 of BN keys against query positions [p0, p1]
+ * of a sequence with kv_len keys, and writes the non-empty ones, in ascending order, to
+ * s_plan (FULL_BIT on the tiles that need no mask). Returns their count, the same in every
+ * thread. A full tile becomes partial when a bias applies (the mask-free path adds none)
+ * or when it runs past kv_len (the mask-free path would see the zero rows).
+ * s_count: THREADS / 32 ints of shared memory. Thread t takes candidates t, t + THREADS,
+ * ...; each warp's keepers are compacted with a ballot, the warps' counts meet in s_count.
+ */
+template <int BN, int THREADS>
+__device__ __forceinline__ int plan_round(const SegView &view, int p0, int p1, int kv_len,
+                                          int jbase, int ncand, uint32_t *s_plan,
+                                          int32_t *s_count, int tid)
+{
+    const int warp = tid >> 5, lane = tid & 31;
+    int nplan = 0;
+    for (int c0 = 0; c0 < ncand; c0 += THREADS) {
+        const int j = jbase + c0 + tid;
+        int cls = SF_BLOCK_EMPTY;
+        if (c0 + tid < ncand) {
+            bool nb;
+            const int k0 = j * BN, k1 = min(k0 + BN - 1, kv_len - 1);
+            cls = classify_rect(view, p0, p1, k0, k1, &nb);
+            if (cls == SF_BLOCK_FULL && (nb || k0 + BN > kv_len)) cls = SF_BLOCK_PARTIAL;
+        }
+        const bool keep = cls != SF_BLOCK_EMPTY;
+        const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+        if (lane == 0) s_count[warp] = __popc(ballot);
+        __syncthreads();
+        int before = nplan, total = nplan;
+#pragma unroll
+        for (int w = 0; w < THREADS / 32; ++w) {
+            if (w < warp) before += s_count[w];
+            total += s_count[w];
+        }
+        if (keep)
+            s_plan[before + __popc(ballot & ((1u << lane) - 1u))] =
+                (uint32_t)j | (cls == SF_BLOCK_FULL ? FULL_BIT : 0u);
+        nplan = total;
+        __syncthreads(); /* s_count is rewritten by the next batch of candidates */
+    }
+    return nplan;
+}
+
+/*
+ * Copies a sequence's segment table into shared memory when it has at most cap segments
+ * and points the view there (lookups then cost shared loads, not L2 round trips); larger
+ * tables stay in global memory. Called by all THREADS threads; the caller's next block
+ * barrier makes the copy visible.
+ */
+template <int THREADS>
+__device__ __forceinline__ void stage_table(SegView &view, int cap, int32_t *s_end,
+                                            uint8_t *s_kind, float *s_bias, int tid)
+{
+    if (view.n > cap) return;
+    for (int s = tid; s < view.n; s += THREADS) {
+        s_end[s] = view.end[s];
+        s_kind[s] = view.kind[s];
+        s_bias[s] = view.bias ? view.bias[s] : 0.f;
+    }
+    view.end = s_end;
+    view.kind = s_kind;
+    view.bias = s_bias;
+}
+
+/* The mask facts of one key: its segment, or -1 when the segment is shared (every later
+ * query of the sequence sees it), and its bias in base 2. Partial tiles keep these per key
+ * in shared memory. */
+__device__ __forceinline__ void key_facts(const SegView &view, int key, int32_t *seg, float *bias2)
+{
+    const int sg = view.seg(key);
+    *seg = view.kind_of(sg) == SF_SHARED ? -1 : sg;
+    *bias2 = view.bias_of(sg) * kLog2e;
+}
+
+} // namespace sfcuda
+
+#endif

@@ -1,0 +1,306 @@
+/*
+ * prefill_small.cu - segment-masked attention for problems too small to fill the GPU
+ * with prefill.cu's blocks (one short prompt of a few hundred tokens).
+ *
+ * There the kernel time is the chain of one block: prefill.cu's block holding the last
+ * rows (the global tail, which sees every key) runs all of its key tiles one after
+ * another in every warp, with one warp per scheduler issuing an instruction every ~6
+ * cycles. This kernel cuts that chain four ways, the way the decode kernel does:
+ *
+ *   - a block takes 16 query rows of one query head of one sequence, and all 4 warps
+ *     hold those same rows (Q fragments straight from global memory into registers);
+ *   - every 64-key tile is dealt to the warps in 16-key chunks (warp w takes keys
+ *     16w..16w+15 of each tile, key_split.cuh's attend_chunk), each warp keeping its own
+ *     online-softmax state; after the last tile the four states are merged in shared
+ *     memory (merge_warps) and warp 0 writes the rows.
+ *
+ * The grid has 4x the blocks of prefill.cu, a warp computes a quarter of the keys of its
+ * block's tiles, and three blocks share an SM (registers held to 168 per thread), so a
+ * scheduler has warps to interleave. Everything else is prefill.cu's: the tile plan
+ * (plan.cuh: empty tiles never loaded, full tiles without mask arithmetic, the diagonal
+ * tile fetched before planning, tiles processed from the diagonal down), the per-key
+ * facts of partial tiles in shared memory, K and V read in place (any GQA ratio), rows
+ * past q_len never read nor written, keys past kv_len never read.
+ *
+ * K/V tiles arrive through a cp.async pipeline of NSTAGE stages loaded by all 128
+ * threads: 2 stages at head dim 128 (64 KB, so three blocks fit in an SM's 228 KB),
+ * 3 at head dim 64.
+ */
+#include "key_split.cuh"
+#include "plan.cuh"
+#include "prefill.cuh"
+
+namespace sfcuda {
+namespace {
+
+constexpr int BM = SMALL_BM;   /* query rows per block: one mma row block */
+constexpr int BN = 64;         /* keys per tile: one 16-key chunk per warp */
+constexpr int THREADS = 128;
+constexpr int WARPS = THREADS / 32;
+constexpr int PLAN_CAP = 256;  /* key tiles classified per planning round */
+constexpr int SEG_CAP = 512;   /* segment tables up to this size are staged in shared memory */
+constexpr int MIN_BLOCKS = 3;  /* blocks per SM the registers are held to */
+static_assert(WARPS * 16 == BN, "each warp takes one 16-key chunk of a tile");
+
+/* Shared memory, in bytes from the (128-aligned) base:
+ *   stages [NSTAGE][K tile | V tile] | plan | segment table (end, bias) |
+ *   key facts [NSTAGE][seg BN | bias BN] | per-warp counts | segment kinds
+ * After the tile loop the stages hold merge_warps's exchange area. */
+template <int D> struct Layout {
+    static constexpr int NSTAGE = D == 64 ? 3 : 2;
+    static constexpr int TILE = BN * D * 2;
+    static constexpr int STAGE = 2 * TILE;
+    static constexpr int OFF_PLAN = NSTAGE * STAGE;
+    static constexpr int OFF_END = OFF_PLAN + PLAN_CAP * 4;
+    static constexpr int OFF_BIAS = OFF_END + SEG_CAP * 4;
+    static constexpr int OFF_FACTS = OFF_BIAS + SEG_CAP * 4;
+    static constexpr int OFF_COUNT = OFF_FACTS + NSTAGE * 2 * BN * 4;
+    static constexpr int OFF_KIND = OFF_COUNT + WARPS * 4;
+    static constexpr int BYTES = OFF_KIND + SEG_CAP;
+    static_assert(merge_warps_bytes<D>() <= OFF_PLAN, "the merge area lies in the stages");
+    /* with the 1 KB the hardware reserves per block, MIN_BLOCKS blocks fit in 228 KB */
+    static_assert(MIN_BLOCKS * (BYTES + 1024) <= 228 * 1024, "shared memory per SM");
+};
+
+/* The segment facts of the thread's two rows (g and g + 8 of the block's 16). */
+struct RowFacts {
+    int pos[2];   /* position in the sequence */
+    int seg[2];   /* segment index */
+    bool glob[2]; /* the segment is global: sees every earlier key, with the keys' bias */
+};
+
+/* Mask of a full tile: every pair allowed, no bias (plan_round guarantees both). */
+struct FullTileMask {
+    float scale_log2;
+    __device__ __forceinline__ float operator()(int, int, float s) const { return s * scale_log2; }
+};
+
+/* Mask of a partial tile, from the row facts and the per-key facts of the tile (segment,
+ * -1 for shared keys, and bias in base 2): a key is seen when it does not follow the
+ * query and the query is global, or the key is in the query's segment, or it is shared.
+ * Only global queries add the keys' bias. */
+struct PartialTileMask {
+    const int32_t *kseg;
+    const float *kbias;
+    int key0; /* position of the tile's first key */
+    RowFacts rows;
+    float scale_log2;
+    __device__ __forceinline__ float operator()(int r, int col, float s) const
+    {
+        const int ks = kseg[col];
+        const bool ok =
+            key0 + col <= rows.pos[r] && (rows.glob[r] || ks == rows.seg[r] || ks < 0);
+        const float bias = rows.glob[r] ? kbias[col] : 0.f;
+        return ok ? s * scale_log2 + bias : -INFINITY;
+    }
+};
+
+/* A load of global memory issued where it is written: the compiler would sink a plain load
+ * past the kernel's early exit, one trip to memory after the load that decides the exit. */
+__device__ __forceinline__ int load_now(const int32_t *p)
+{
+    int v;
+    asm volatile("{\n .reg .u64 ga;\n cvta.to.global.u64 ga, %1;\n ld.global.b32 %0, [ga];\n}\n"
+                 : "=r"(v)
+                 : "l"(p));
+    return v;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(const PrefillArgs a)
+{
+    using L = Layout<D>;
+    constexpr int NSTAGE = L::NSTAGE;
+    extern __shared__ __align__(128) uint8_t smem[];
+    const int h = blockIdx.x;
+    const int b = blockIdx.z;
+    const int qt = gridDim.y - 1 - blockIdx.y; /* the rows with the most keys start first */
+    /* The loads that depend on nothing come first, so that their trips to memory overlap:
+     * the chain of dependent loads before the first tile is what a short problem waits for. */
+    const int q_len = load_now(a.q_len + b), kv_len = load_now(a.kv_len + b);
+    const int q_start = load_now(a.q_start + b), k_start = load_now(a.k_start + b);
+    SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
+    const int i0 = qt * BM;
+    if (i0 >= q_len) return;
+    const int hk = h / a.group;
+    const int off = kv_len - q_len; /* position of query row 0 */
+    const int p0 = off + i0;
+    const int p1 = off + min(i0 + BM, q_len) - 1;
+    const int jlast = p1 / BN; /* the diagonal tile: never empty (query p1 sees key p1) */
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, c4 = lane & 3;
+
+    const uint32_t spipe = smem_addr(smem);
+    uint32_t *s_plan = reinterpret_cast<uint32_t *>(smem + L::OFF_PLAN);
+    int32_t *s_end = reinterpret_cast<int32_t *>(smem + L::OFF_END);
+    float *s_bias = reinterpret_cast<float *>(smem + L::OFF_BIAS);
+    int32_t *s_facts = reinterpret_cast<int32_t *>(smem + L::OFF_FACTS);
+    int32_t *s_count = reinterpret_cast<int32_t *>(smem + L::OFF_COUNT);
+    uint8_t *s_kind = smem + L::OFF_KIND;
+
+    const uint16_t *kbase = a.k + b * a.k_sb + hk * a.k_sh + (int64_t)k_start * a.k_st;
+    const uint16_t *vbase = a.v + b * a.v_sb + hk * a.v_sh + (int64_t)k_start * a.v_st;
+    auto issue_kv = [&](int j, int st) { /* rows past kv_len become zeros, never read */
+        const uint32_t sk = spipe + st * L::STAGE, sv = sk + L::TILE;
+        load_tile<BN, D, THREADS>(sk, kbase + (int64_t)j * BN * a.k_st, a.k_st, kv_len - j * BN,
+                                  tid);
+        load_tile<BN, D, THREADS>(sv, vbase + (int64_t)j * BN * a.v_st, a.v_st, kv_len - j * BN,
+                                  tid);
+    };
+
+    /* The diagonal tile's K/V start flowing before anything else is known. */
+    issue_kv(jlast, 0);
+    cp_async_commit();
+
+    /* Q fragments of rows g and g + 8, straight from global memory in the mma A layout
+     * (register r: row g + 8 * (r & 1), columns 8 * (r >> 1) + 2 * c4, +1); rows past
+     * q_len are zeros and never read. All four warps load the same rows. */
+    uint32_t qf[D / 16][4];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = i0 + g + r * 8;
+        const bool valid = i < q_len;
+        const uint16_t *qrow = a.q + b * a.q_sb + h * a.q_sh + (int64_t)(q_start + i) * a.q_st;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t lo = 0, hi = 0;
+            if (valid) {
+                lo = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 2 * c4);
+                hi = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 8 + 2 * c4);
+            }
+            qf[kk][r] = lo;
+            qf[kk][2 + r] = hi;
+        }
+    }
+
+    /* The sequence's segment table, staged in shared memory when small. */
+    stage_table<THREADS>(view, SEG_CAP, s_end, s_kind, s_bias, tid);
+    __syncthreads();
+    auto write_facts = [&](int j, int st) { /* per-key facts of a partial tile */
+        if (tid < BN) {
+            int32_t *fseg = s_facts + st * 2 * BN;
+            key_facts(view, j * BN + tid, &fseg[tid], reinterpret_cast<float *>(fseg + BN) + tid);
+        }
+    };
+    write_facts(jlast, 0);
+
+    RowFacts rows;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        rows.pos[r] = p0 + g + r * 8;
+        rows.seg[r] = view.seg(rows.pos[r]);
+        rows.glob[r] = view.kind_of(rows.seg[r]) == SF_GLOBAL;
+    }
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    int n0 = 0; /* tiles of the earlier rounds: step i of a round uses stage (n0 + i) % NSTAGE */
+
+    /* Rounds of at most PLAN_CAP candidate tiles, from the diagonal down to tile 0. */
+    for (int jtop = jlast + 1; jtop > 0; jtop -= PLAN_CAP) {
+        const int jbase = max(0, jtop - PLAN_CAP);
+        const int nplan = plan_round<BN, THREADS>(view, p0, p1, kv_len, jbase, jtop - jbase,
+                                                  s_plan, s_count, tid);
+        /* step i takes plan entry nplan - 1 - i: the plan is ascending, the steps descend */
+        auto fetch = [&](int i) {
+            const uint32_t e = s_plan[nplan - 1 - i];
+            const int j = (int)(e & ~FULL_BIT), st = (n0 + i) % NSTAGE;
+            issue_kv(j, st);
+            if (!(e & FULL_BIT)) write_facts(j, st); /* full tiles need no facts */
+        };
+        /* NSTAGE - 1 steps in flight before the first is computed (one cp.async group per
+         * step, empty past the plan's end, so the group count stays in step); step 0 of
+         * the first round is the diagonal tile, already on its way. */
+        for (int i = jtop == jlast + 1 ? 1 : 0; i < NSTAGE - 1; ++i) {
+            if (i < nplan) fetch(i);
+            cp_async_commit();
+        }
+
+        for (int i = 0; i < nplan; ++i) {
+            cp_async_wait<NSTAGE - 2>(); /* this thread's copies of step i landed */
+            __syncthreads(); /* everyone's landed, and everyone is done with step i - 1 */
+            if (i + NSTAGE - 1 < nplan) fetch(i + NSTAGE - 1); /* into step i - 1's stage */
+            cp_async_commit();
+
+            const uint32_t e = s_plan[nplan - 1 - i];
+            const int st = (n0 + i) % NSTAGE;
+            const uint32_t sk = spipe + st * L::STAGE, sv = sk + L::TILE;
+            if (e & FULL_BIT) {
+                attend_chunk<T, D, CpAsyncTile<D>>(sk, sv, warp, FullTileMask{a.scale_log2}, qf,
+                                                   m, l, o);
+            } else {
+                const int32_t *fseg = s_facts + st * 2 * BN;
+                const PartialTileMask mask{fseg, reinterpret_cast<const float *>(fseg + BN),
+                                           (int)(e & ~FULL_BIT) * BN, rows, a.scale_log2};
+                attend_chunk<T, D, CpAsyncTile<D>>(sk, sv, warp, mask, qf, m, l, o);
+            }
+        }
+        n0 += nplan;
+        __syncthreads(); /* the plan buffer and the stages are rewritten by the next round */
+    }
+    cp_async_wait<0>(); /* only empty groups remain; the stages become the merge area */
+    __syncthreads();
+
+    /* warp w holds keys 16w..16w+15 of every tile: merge the four states into warp 0 */
+    merge_warps<D>(reinterpret_cast<float *>(smem), warp, lane, warp, WARPS, 1, m, l, o);
+    if (warp != 0) return;
+
+    /* epilogue: normalise and write the valid rows (l is summed over the quad already) */
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = i0 + g + r * 8;
+        if (i >= q_len) continue;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + i) * a.o_st;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            const uint32_t pk = Pack2<T>::pack(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+            *reinterpret_cast<uint32_t *>(orow + n * 8 + 2 * c4) = pk;
+        }
+        if (a.lse != nullptr && c4 == 0)
+            a.lse[b * a.lse_sb + h * a.lse_sh + q_start + i] =
+                l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+    }
+}
+
+template <typename T, int D>
+sf_status launch(const PrefillArgs &a, int heads_q, int batch, int max_q_len, cudaStream_t stream)
+{
+    constexpr int bytes = Layout<D>::BYTES;
+    /* Set once per device (host-side settings, legal while a graph is being captured, but
+     * done eagerly on the first call anyway): the dynamic shared-memory limit, and the
+     * largest shared-memory carveout so that MIN_BLOCKS blocks fit in an SM. */
+    static unsigned long long configured = 0;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return SF_ERR_CUDA;
+    const unsigned long long bit = 1ull << (dev & 63);
+    if (!(__atomic_load_n(&configured, __ATOMIC_ACQUIRE) & bit)) {
+        const void *fn = reinterpret_cast<const void *>(prefill_small_kernel<T, D>);
+        if (cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) !=
+                cudaSuccess ||
+            cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                 cudaSharedmemCarveoutMaxShared) != cudaSuccess)
+            return SF_ERR_CUDA;
+        __atomic_fetch_or(&configured, bit, __ATOMIC_RELEASE);
+    }
+    dim3 grid(heads_q, (max_q_len + BM - 1) / BM, batch);
+    prefill_small_kernel<T, D><<<grid, THREADS, bytes, stream>>>(a);
+    return last_launch_status();
+}
+
+} // namespace
+
+sf_status launch_prefill_small(const PrefillArgs &a, bool bf16, int head_dim, int heads_q,
+                               int batch, int max_q_len, cudaStream_t stream)
+{
+    if (head_dim == 64)
+        return bf16 ? launch<__nv_bfloat16, 64>(a, heads_q, batch, max_q_len, stream)
+                    : launch<__half, 64>(a, heads_q, batch, max_q_len, stream);
+    return bf16 ? launch<__nv_bfloat16, 128>(a, heads_q, batch, max_q_len, stream)
+                : launch<__half, 128>(a, heads_q, batch, max_q_len, stream);
+}
+
+} // namespace sfcuda

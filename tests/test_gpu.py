@@ -129,6 +129,55 @@ def randn(*shape, dtype, gen):
 
 
 # ----------------------------------------------------------------------- prefill
+def run_prefill(lays, hq, hkv, d, dtype, gen, scale, q_lens=None, lk=None, lq=None):
+    """segflex.attention on random inputs, packed (q_lens query rows per sequence) or padded
+    (q [B, hq, lq], k and v [B, hkv, lk], NaN past every sequence's end: never read). Returns
+    each sequence's (q, k, v, out, lse, query rows) for check_views."""
+    lens = [len(lay) for lay in lays]
+    views = []
+    if q_lens is not None:
+        cu_k = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        cu_q = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        q = randn(int(cu_q[-1]), hq, d, dtype=dtype, gen=gen)
+        k = randn(int(cu_k[-1]), hkv, d, dtype=dtype, gen=gen)
+        v = randn(int(cu_k[-1]), hkv, d, dtype=dtype, gen=gen)
+        out, lse = segflex.attention(q, k, v, lays, scale=scale, return_lse=True,
+                                     cu_seqlens_q=torch.as_tensor(cu_q, device="cuda"),
+                                     cu_seqlens_k=torch.as_tensor(cu_k, device="cuda"))
+        for b in range(len(lays)):
+            qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+            views.append((q[qs].transpose(0, 1), k[ks].transpose(0, 1), v[ks].transpose(0, 1),
+                          out[qs].transpose(0, 1), lse[:, qs], q_lens[b]))
+        return views
+    q = randn(len(lays), hq, lq, d, dtype=dtype, gen=gen)
+    k = randn(len(lays), hkv, lk, d, dtype=dtype, gen=gen)
+    v = randn(len(lays), hkv, lk, d, dtype=dtype, gen=gen)
+    for b, n in enumerate(lens):
+        k[b, :, n:] = float("nan")
+        v[b, :, n:] = float("nan")
+        q[b, :, max(0, n - (lk - lq)):] = float("nan")
+    out, lse = segflex.attention(q, k, v, lays, scale=scale, return_lse=True)
+    for b, n in enumerate(lens):
+        ql = max(0, n - (lk - lq))
+        views.append((q[b, :, :ql], k[b, :, :n], v[b, :, :n], out[b, :, :ql], lse[b, :, :ql], ql))
+        assert (out[b, :, ql:] == 0).all(), "padding rows must come out 0"
+    return views
+
+
+def check_views(views, lays, scale, what: str) -> None:
+    """Each sequence's output and lse against the float64 reference (and SDPA's error)."""
+    for b, (qb, kb, vb, ob, lb, ql) in enumerate(views):
+        if ql == 0:
+            continue
+        n = len(lays[b])
+        mask, bias = dense_mask_bias(lays[b], np.arange(n - ql, n), n)
+        ref, ref_lse = reference(qb, kb, vb, mask, bias, scale)
+        peer = sdpa_peer(qb, kb, vb, mask, bias, scale)
+        check_close(ob, ref, peer, f"{what}: {ql} rows, seq {b}")
+        lse_err = (lb.double() - ref_lse).abs().max().item()
+        assert lse_err <= 1e-2 + 1e-3 * ref_lse.abs().max().item(), f"lse error {lse_err}"
+
+
 @HSET
 @given(lays=st.lists(layouts(), min_size=1, max_size=3), heads=heads_strategy(),
        d=st.sampled_from([64, 128]), dt=st.sampled_from(sorted(DTYPES)),
@@ -142,48 +191,11 @@ def test_prefill_matches_reference(lays, heads, d, dt, packed, q_cut, seed):
     lens = [len(lay) for lay in lays]
     if packed:
         q_lens = [max(1, n - min(q_cut, n - 1) * (b % 2 == 0)) for b, n in enumerate(lens)]
-        cu_k = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-        cu_q = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-        q = randn(int(cu_q[-1]), hq, d, dtype=dtype, gen=gen)
-        k = randn(int(cu_k[-1]), hkv, d, dtype=dtype, gen=gen)
-        v = randn(int(cu_k[-1]), hkv, d, dtype=dtype, gen=gen)
-        out, lse = segflex.attention(q, k, v, lays, scale=scale, return_lse=True,
-                                     cu_seqlens_q=torch.as_tensor(cu_q, device="cuda"),
-                                     cu_seqlens_k=torch.as_tensor(cu_k, device="cuda"))
-        views = []
-        for b in range(len(lays)):
-            qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
-            views.append((q[qs].transpose(0, 1), k[ks].transpose(0, 1), v[ks].transpose(0, 1),
-                          out[qs].transpose(0, 1), lse[:, qs], q_lens[b]))
+        views = run_prefill(lays, hq, hkv, d, dtype, gen, scale, q_lens=q_lens)
     else:
         lk = max(lens) + (q_cut % 3)  # some key padding past every layout
-        lq = max(1, lk - q_cut)
-        q = randn(len(lays), hq, lq, d, dtype=dtype, gen=gen)
-        k = randn(len(lays), hkv, lk, d, dtype=dtype, gen=gen)
-        v = randn(len(lays), hkv, lk, d, dtype=dtype, gen=gen)
-        # Keys and queries past a sequence's end must never be read: NaN would show.
-        for b, n in enumerate(lens):
-            k[b, :, n:] = float("nan")
-            v[b, :, n:] = float("nan")
-            q[b, :, max(0, n - (lk - lq)):] = float("nan")
-        out, lse = segflex.attention(q, k, v, lays, scale=scale, return_lse=True)
-        views = []
-        for b, n in enumerate(lens):
-            ql = max(0, n - (lk - lq))
-            views.append((q[b, :, :ql], k[b, :, :n], v[b, :, :n], out[b, :, :ql], lse[b, :, :ql],
-                          ql))
-            assert (out[b, :, ql:] == 0).all(), "padding rows must come out 0"
-    for b, (qb, kb, vb, ob, lb, ql) in enumerate(views):
-        if ql == 0:
-            continue
-        n = lens[b]
-        q_pos = np.arange(n - ql, n)
-        mask, bias = dense_mask_bias(lays[b], q_pos, n)
-        ref, ref_lse = reference(qb, kb, vb, mask, bias, scale)
-        peer = sdpa_peer(qb, kb, vb, mask, bias, scale)
-        check_close(ob, ref, peer, f"prefill seq {b}")
-        lse_err = (lb.double() - ref_lse).abs().max().item()
-        assert lse_err <= 1e-2 + 1e-3 * ref_lse.abs().max().item(), f"lse error {lse_err}"
+        views = run_prefill(lays, hq, hkv, d, dtype, gen, scale, lk=lk, lq=max(1, lk - q_cut))
+    check_views(views, lays, scale, "prefill")
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -257,48 +269,13 @@ def test_prefill_few_rows_long_prefix(d, dt, packed):
     gen = torch.Generator(device="cuda").manual_seed(d + 2 * packed)
     for ql in range(1, 18):
         if packed:
-            q_lens = [ql, max(1, ql - 3), 18 - ql]
-            cu_k = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-            cu_q = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-            q = randn(int(cu_q[-1]), hq, d, dtype=dtype, gen=gen)
-            k = randn(int(cu_k[-1]), hkv, d, dtype=dtype, gen=gen)
-            v = randn(int(cu_k[-1]), hkv, d, dtype=dtype, gen=gen)
-            out, lse = segflex.attention(q, k, v, lays, scale=scale, return_lse=True,
-                                         cu_seqlens_q=torch.as_tensor(cu_q, device="cuda"),
-                                         cu_seqlens_k=torch.as_tensor(cu_k, device="cuda"))
-            views = []
-            for b in range(len(lays)):
-                qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
-                views.append((q[qs].transpose(0, 1), k[ks].transpose(0, 1),
-                              v[ks].transpose(0, 1), out[qs].transpose(0, 1), lse[:, qs],
-                              q_lens[b]))
+            views = run_prefill(lays, hq, hkv, d, dtype, gen, scale,
+                                q_lens=[ql, max(1, ql - 3), 18 - ql])
         else:
             lk = max(lens) + 2
-            lq = ql + (lk - max(lens))
-            q = randn(len(lays), hq, lq, d, dtype=dtype, gen=gen)
-            k = randn(len(lays), hkv, lk, d, dtype=dtype, gen=gen)
-            v = randn(len(lays), hkv, lk, d, dtype=dtype, gen=gen)
-            for b, n in enumerate(lens):  # never read past a sequence's end
-                k[b, :, n:] = float("nan")
-                v[b, :, n:] = float("nan")
-                q[b, :, max(0, n - (lk - lq)):] = float("nan")
-            out, lse = segflex.attention(q, k, v, lays, scale=scale, return_lse=True)
-            views = []
-            for b, n in enumerate(lens):
-                qn = max(0, n - (lk - lq))
-                views.append((q[b, :, :qn], k[b, :, :n], v[b, :, :n], out[b, :, :qn],
-                              lse[b, :, :qn], qn))
-                assert (out[b, :, qn:] == 0).all(), "padding rows must come out 0"
-        for b, (qb, kb, vb, ob, lb, qn) in enumerate(views):
-            if qn == 0:
-                continue
-            n = lens[b]
-            mask, bias = dense_mask_bias(lays[b], np.arange(n - qn, n), n)
-            ref, ref_lse = reference(qb, kb, vb, mask, bias, scale)
-            peer = sdpa_peer(qb, kb, vb, mask, bias, scale)
-            check_close(ob, ref, peer, f"{qn} rows, seq {b}")
-            lse_err = (lb.double() - ref_lse).abs().max().item()
-            assert lse_err <= 1e-2 + 1e-3 * ref_lse.abs().max().item(), f"lse error {lse_err}"
+            views = run_prefill(lays, hq, hkv, d, dtype, gen, scale, lk=lk,
+                                lq=ql + (lk - max(lens)))
+        check_views(views, lays, scale, "few rows")
 
 
 # ----------------------------------------------------------------------- decode
@@ -317,6 +294,19 @@ def decode_reference(q, kc, vc, lens, lays, scale):
         outs.append((ref, lse))
         peers.append(peer)
     return outs, peers
+
+
+def random_cache(lens, hq, hkv, n_new, d, s_max, dtype, gen):
+    """q [B, hq, n_new, d] and K/V caches [B, hkv, s_max, d] with NaN past every sequence's
+    length: a key read past it would show in the output."""
+    B = len(lens)
+    q = randn(B, hq, n_new, d, dtype=dtype, gen=gen)
+    kc = randn(B, hkv, s_max, d, dtype=dtype, gen=gen)
+    vc = randn(B, hkv, s_max, d, dtype=dtype, gen=gen)
+    for b, n in enumerate(lens):
+        kc[b, :, n:] = float("nan")
+        vc[b, :, n:] = float("nan")
+    return q, kc, vc
 
 
 def bias_layout(n: int):
@@ -349,12 +339,7 @@ def test_decode_matches_reference(case, dt, with_bias):
     gen = torch.Generator(device="cuda").manual_seed(sum(lens) + n_new)
     s_max = max(lens) + 5
     B = len(lens)
-    q = randn(B, hq, n_new, d, dtype=dtype, gen=gen)
-    kc = randn(B, hkv, s_max, d, dtype=dtype, gen=gen)
-    vc = randn(B, hkv, s_max, d, dtype=dtype, gen=gen)
-    for b, n in enumerate(lens):  # never read past a cache's length
-        kc[b, :, n:] = float("nan")
-        vc[b, :, n:] = float("nan")
+    q, kc, vc = random_cache(lens, hq, hkv, n_new, d, s_max, dtype, gen)
     lays = [bias_layout(n) for n in lens] if with_bias else None
     lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
     out, lse = segflex.decode(q, kc, vc, lens_t, layouts=lays, return_lse=True)
@@ -375,12 +360,7 @@ def test_decode_many_row_groups(d, n_new):
     lens = [int(x) for x in rng.integers(n_new, 700, size=B)]
     gen = torch.Generator(device="cuda").manual_seed(d * 10 + n_new)
     s_max = max(lens) + 3
-    q = randn(B, hkv * ratio, n_new, d, dtype=torch.bfloat16, gen=gen)
-    kc = randn(B, hkv, s_max, d, dtype=torch.bfloat16, gen=gen)
-    vc = randn(B, hkv, s_max, d, dtype=torch.bfloat16, gen=gen)
-    for b, n in enumerate(lens):
-        kc[b, :, n:] = float("nan")
-        vc[b, :, n:] = float("nan")
+    q, kc, vc = random_cache(lens, hkv * ratio, hkv, n_new, d, s_max, torch.bfloat16, gen)
     lays = [bias_layout(n) for n in lens]
     out = segflex.decode(q, kc, vc, torch.tensor(lens, dtype=torch.int32, device="cuda"), layouts=lays)
     refs, peers = decode_reference(q, kc, vc, lens, lays, 1 / math.sqrt(d))
@@ -398,12 +378,7 @@ def test_decode_split_counts(B):
     lens = [int(x) for x in rng.choice([1, 2, 63, 64, 65, 200, 700, 3000, 9000], size=B)]
     gen = torch.Generator(device="cuda").manual_seed(100 + B)
     s_max = max(lens) + 7
-    q = randn(B, hkv * ratio, 1, d, dtype=torch.bfloat16, gen=gen)
-    kc = randn(B, hkv, s_max, d, dtype=torch.bfloat16, gen=gen)
-    vc = randn(B, hkv, s_max, d, dtype=torch.bfloat16, gen=gen)
-    for b, n in enumerate(lens):
-        kc[b, :, n:] = float("nan")
-        vc[b, :, n:] = float("nan")
+    q, kc, vc = random_cache(lens, hkv * ratio, hkv, 1, d, s_max, torch.bfloat16, gen)
     lays = [bias_layout(n) for n in lens]
     out, lse = segflex.decode(q, kc, vc, torch.tensor(lens, dtype=torch.int32, device="cuda"),
                               layouts=lays, return_lse=True)

@@ -228,6 +228,17 @@ __device__ __forceinline__ void load_tile(uint32_t s_tile, const uint16_t *base,
     }
 }
 
+/* A load of global memory issued where it is written: the compiler would sink a plain load
+ * past an early exit, one trip to memory after the load that decides the exit. */
+__device__ __forceinline__ int load_now(const int32_t *p)
+{
+    int v;
+    asm volatile("{\n .reg .u64 ga;\n cvta.to.global.u64 ga, %1;\n ld.global.b32 %0, [ga];\n}\n"
+                 : "=r"(v)
+                 : "l"(p));
+    return v;
+}
+
 /* 2^x on the special-function unit (one instruction; 2^-inf = 0; denormals flush to 0,
  * far below what a bf16/fp16 probability can hold). */
 __device__ __forceinline__ float fast_exp2(float x)
@@ -248,16 +259,133 @@ __device__ __forceinline__ float quad_sum(float x)
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-/* Host-side checks shared by the entry points. */
+/* ------------------------------------------------------- the kernels' arguments */
+
+/* What every attention kernel reads (sf_seqs, the tensors as 16-bit elements with their
+ * strides in elements, the optional lse), passed by value as the kernel argument. */
+struct AttnArgs {
+    const int32_t *seg_ptr, *seg_end;
+    const uint8_t *seg_kind;
+    const float *seg_bias;
+    const int32_t *q_start, *q_len, *k_start, *kv_len;
+    const uint16_t *q, *k, *v;
+    uint16_t *out;
+    int64_t q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, o_sb, o_sh, o_st;
+    float *lse;
+    int64_t lse_sb, lse_sh;
+    int group; /* heads_q / heads_kv */
+    float scale_log2;
+};
+
 inline bool aligned16(const sf_tensor &t)
 {
     return ((uintptr_t)t.data % 16) == 0 && t.stride_b % 8 == 0 && t.stride_h % 8 == 0 &&
            t.stride_t % 8 == 0;
 }
 
+/* The checks the CUDA entry points share. SF_OK with *nothing set: no row to compute. */
+inline sf_status check_call(const sf_layouts *layouts, const sf_seqs *seqs,
+                            const sf_attn_params *params, const sf_tensor &q, const sf_tensor &k,
+                            const sf_tensor &v, const sf_tensor &out, bool *nothing)
+{
+    *nothing = false;
+    if (seqs == nullptr || params == nullptr) return SF_ERR_ARGUMENT;
+    if (params->dtype != SF_BFLOAT16 && params->dtype != SF_FLOAT16) return SF_ERR_DTYPE;
+    if (params->head_dim != 64 && params->head_dim != 128) return SF_ERR_HEAD_DIM;
+    if (params->heads_q <= 0 || params->heads_kv <= 0 || params->heads_q % params->heads_kv != 0)
+        return SF_ERR_ARGUMENT;
+    if (seqs->batch < 0 || seqs->max_q_len < 0) return SF_ERR_ARGUMENT;
+    if (layouts != nullptr && layouts->batch != seqs->batch) return SF_ERR_LAYOUT;
+    if (seqs->batch == 0 || seqs->max_q_len == 0) {
+        *nothing = true;
+        return SF_OK;
+    }
+    if (!q.data || !k.data || !v.data || !out.data || !seqs->q_start || !seqs->q_len ||
+        !seqs->k_start || !seqs->kv_len)
+        return SF_ERR_ARGUMENT;
+    if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out)) return SF_ERR_ARGUMENT;
+    if (seqs->batch > 65535) return SF_ERR_ARGUMENT; /* the grid's z extent */
+    return SF_OK;
+}
+
+/* The argument block of a checked call. */
+inline AttnArgs pack_args(const sf_layouts *layouts, const sf_seqs *seqs,
+                          const sf_attn_params *params, const sf_tensor &q, const sf_tensor &k,
+                          const sf_tensor &v, const sf_tensor &out, float *lse, int64_t lse_sb,
+                          int64_t lse_sh)
+{
+    AttnArgs a;
+    a.seg_ptr = layouts ? layouts->seg_ptr : nullptr;
+    a.seg_end = layouts ? layouts->seg_end : nullptr;
+    a.seg_kind = layouts ? layouts->seg_kind : nullptr;
+    a.seg_bias = layouts ? layouts->seg_bias : nullptr;
+    a.q_start = seqs->q_start;
+    a.q_len = seqs->q_len;
+    a.k_start = seqs->k_start;
+    a.kv_len = seqs->kv_len;
+    a.q = (const uint16_t *)q.data;
+    a.k = (const uint16_t *)k.data;
+    a.v = (const uint16_t *)v.data;
+    a.out = (uint16_t *)out.data;
+    a.q_sb = q.stride_b; a.q_sh = q.stride_h; a.q_st = q.stride_t;
+    a.k_sb = k.stride_b; a.k_sh = k.stride_h; a.k_st = k.stride_t;
+    a.v_sb = v.stride_b; a.v_sh = v.stride_h; a.v_st = v.stride_t;
+    a.o_sb = out.stride_b; a.o_sh = out.stride_h; a.o_st = out.stride_t;
+    a.lse = lse;
+    a.lse_sb = lse_sb;
+    a.lse_sh = lse_sh;
+    a.group = params->heads_q / params->heads_kv;
+    a.scale_log2 = params->scale * kLog2e;
+    return a;
+}
+
+/* Lets `kernel` use `bytes` of dynamic shared memory, and the largest shared-memory carveout
+ * (so that as many blocks fit in an SM as the shared memory allows). Host-side settings,
+ * legal while a graph is being captured, but made once per device, eagerly, on the first
+ * call: `done` is the caller's set of devices (one bit each) already configured. */
+inline bool configure_once(const void *kernel, int bytes, unsigned long long *done)
+{
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    const unsigned long long bit = 1ull << (dev & 63);
+    if (__atomic_load_n(done, __ATOMIC_ACQUIRE) & bit) return true;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) !=
+            cudaSuccess ||
+        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             cudaSharedmemCarveoutMaxShared) != cudaSuccess)
+        return false;
+    __atomic_fetch_or(done, bit, __ATOMIC_RELEASE);
+    return true;
+}
+
 inline sf_status last_launch_status()
 {
     return cudaGetLastError() == cudaSuccess ? SF_OK : SF_ERR_CUDA;
+}
+
+/* Launches kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent of the
+ * stream's previous kernel: it is scheduled while that one drains, so the kernel must wait
+ * in griddepcontrol.wait before it reads anything the previous kernel wrote. Where such a
+ * launch is refused, a plain one (as correct, a little later). */
+template <typename... Params, typename... Args>
+inline sf_status launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, int smem,
+                                  cudaStream_t stream, Args... args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (cudaLaunchKernelEx(&cfg, kernel, args...) != cudaSuccess) {
+        cudaGetLastError();
+        kernel<<<grid, block, smem, stream>>>(args...);
+    }
+    return last_launch_status();
 }
 
 } // namespace sfcuda

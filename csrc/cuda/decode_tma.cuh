@@ -167,18 +167,9 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
     const int kend = min(t1 * BN, kv_len);
 
     /* this thread's two rows */
-    int hrow[2], trow[2], pos[2];
-    bool valid[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        int lr = rg * 16 + g + r * 8;
-        int rr = rc * ROWS_PER_BLOCK + lr;
-        int gi = rr / a.max_q, t = rr % a.max_q;
-        valid[r] = lr < rows && t < q_len;
-        hrow[r] = hk * a.group + gi;
-        trow[r] = t;
-        pos[r] = kv_len - q_len + t;
-    }
+    ThreadRows tr;
+    thread_rows(a, b, q_start, hk, rc * ROWS_PER_BLOCK + rg * 16 + g, rows, q_len, kv_len,
+                tr);
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     float o[D / 8][4];
@@ -196,33 +187,12 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
     if (kbeg < kend) {
         /* Q fragments straight from global memory (rows padded with zeros) */
         uint32_t qf[D / 16][4];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const uint16_t *qrow =
-                a.q + b * a.q_sb + hrow[r] * a.q_sh + (int64_t)(q_start + trow[r]) * a.q_st;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                uint32_t lo = 0, hi = 0;
-                if (valid[r]) {
-                    lo = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 2 * c4);
-                    hi = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 8 + 2 * c4);
-                }
-                qf[kk][r] = lo;
-                qf[kk][2 + r] = hi;
-            }
-        }
+        load_q_fragments<D>(qf, tr.q, tr.valid);
 
         /* per-key biases: segment table staged in shared memory when small */
         SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
         const bool has_bias = view.bias != nullptr && view.n > 0;
-        if (has_bias && view.n <= TM_SEG_CAP) {
-            for (int s = tid; s < view.n; s += TM_THREADS) {
-                s_end[s] = view.end[s];
-                s_sbias[s] = view.bias[s];
-            }
-            view.end = s_end;
-            view.bias = s_sbias;
-        }
+        if (has_bias) stage_biases<TM_THREADS>(view, TM_SEG_CAP, s_end, s_sbias, tid);
 
         const int nkeys = kend - kbeg;
         const int ntiles = t1 - t0;
@@ -307,7 +277,7 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
 
             const uint32_t sk = sbase + st * STAGE, sv = sk + KVB;
             const float *kb = s_kbias + st * BN;
-            const DecodeMask mask{pos, kbeg + t * BN, kend, kb, has_bias, a.scale_log2};
+            const DecodeMask mask{tr.pos, kbeg + t * BN, kend, kb, has_bias, a.scale_log2};
             for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count)
                 attend_chunk<T, D, TmaTile>(sk, sv, cchunk, mask, qf, m, l, o);
         }
@@ -322,7 +292,7 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
     if (kg == 0) {
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-            if (valid[r]) write_row<T, D>(a, r, hrow[r], trow[r], b, q_start, split, c4, m, l, o);
+            if (tr.valid[r]) write_row<T, D>(a, r, tr.h[r], tr.t[r], b, q_start, split, c4, m, l, o);
     }
     if (a.nsplit == 1) return; /* uniform over the grid */
 
@@ -410,34 +380,14 @@ sf_status launch_tma(DecodeArgs a, int heads_kv, int batch, cudaStream_t stream)
         return SF_ERR_ARGUMENT;
 
     constexpr int bytes = tm_smem<D>();
-    static unsigned long long configured = 0; /* per device, as in launch() */
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return SF_ERR_CUDA;
-    const unsigned long long bit = 1ull << (dev & 63);
-    if (!(__atomic_load_n(&configured, __ATOMIC_ACQUIRE) & bit)) {
-        if (cudaFuncSetAttribute(decode_tma_kernel<T, D>,
-                                 cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
-            return SF_ERR_CUDA;
-        __atomic_fetch_or(&configured, bit, __ATOMIC_RELEASE);
-    }
+    static unsigned long long configured = 0;
+    if (!configure_once((const void *)decode_tma_kernel<T, D>, bytes, &configured))
+        return SF_ERR_CUDA;
     const int groups = heads_kv * a.row_chunks * batch;
     a.ctr_base = a.nsplit > 1 ? take_counters(groups) : 0;
 
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(a.nsplit, heads_kv * a.row_chunks, batch);
-    cfg.blockDim = dim3(TM_THREADS);
-    cfg.dynamicSmemBytes = bytes;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, decode_tma_kernel<T, D>, a, rows, kmap, vmap) != cudaSuccess) {
-        cudaGetLastError(); /* no programmatic launch here: a plain one is as correct */
-        decode_tma_kernel<T, D><<<cfg.gridDim, TM_THREADS, bytes, stream>>>(a, rows, kmap, vmap);
-    }
-    return last_launch_status() == SF_OK ? SF_OK : SF_ERR_CUDA;
+    return launch_dependent(decode_tma_kernel<T, D>, dim3(a.nsplit, heads_kv * a.row_chunks, batch),
+                            dim3(TM_THREADS), bytes, stream, a, rows, kmap, vmap);
 }
 
 } // namespace

@@ -23,6 +23,31 @@ template <int D> struct CpAsyncTile {
     static __device__ __forceinline__ uint32_t off(int row, int ch) { return tile_off<D>(row, ch); }
 };
 
+/* The warp's Q fragments of rows g and g + 8 straight from global memory (qrow[r]: the D
+ * elements of row g + 8r), in the mma.sync A layout: qf[kk][r] holds columns kk*16 + 2*c4, +1
+ * of row r, qf[kk][2 + r] columns kk*16 + 8 + 2*c4, +1. A row that is not valid is never read
+ * and holds zeros. */
+template <int D>
+__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[D / 16][4],
+                                                 const uint16_t *const (&qrow)[2],
+                                                 const bool (&valid)[2])
+{
+    const int c4 = threadIdx.x & 3;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t lo = 0, hi = 0;
+            if (valid[r]) {
+                lo = *reinterpret_cast<const uint32_t *>(qrow[r] + kk * 16 + 2 * c4);
+                hi = *reinterpret_cast<const uint32_t *>(qrow[r] + kk * 16 + 8 + 2 * c4);
+            }
+            qf[kk][r] = lo;
+            qf[kk][2 + r] = hi;
+        }
+    }
+}
+
 /*
  * One 16-key chunk (keys cchunk*16 .. +15 of the tile) for the warp's 16 query rows:
  * S = Q K^T on mma.sync, the mask, the online softmax update of m and l, and O += P V.

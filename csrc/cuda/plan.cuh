@@ -16,6 +16,38 @@
 
 namespace sfcuda {
 
+/* The query rows of a prefill block: blockIdx.x is the query head, blockIdx.z the sequence,
+ * blockIdx.y the tile of BM rows counted from the end (the rows with the most keys start
+ * first, so the longest blocks are not left for a last wave). */
+struct BlockRows {
+    int h, b, hk;
+    int q_len, kv_len, q_start, k_start;
+    int i0;     /* the tile's first row */
+    int p0, p1; /* positions of its first and last rows within q_len */
+    int jlast;  /* the diagonal key tile of BN keys: never empty (query p1 sees key p1) */
+};
+
+/* Fills r; false when the tile lies past the sequence's q_len (the block has nothing to do).
+ * The four lengths and starts are loaded together, before anything depends on them. */
+template <int BM, int BN>
+__device__ __forceinline__ bool block_rows(const AttnArgs &a, BlockRows &r)
+{
+    r.h = blockIdx.x;
+    r.b = blockIdx.z;
+    r.q_len = load_now(a.q_len + r.b);
+    r.kv_len = load_now(a.kv_len + r.b);
+    r.q_start = load_now(a.q_start + r.b);
+    r.k_start = load_now(a.k_start + r.b);
+    r.i0 = (gridDim.y - 1 - blockIdx.y) * BM;
+    if (r.i0 >= r.q_len) return false;
+    r.hk = r.h / a.group;
+    const int off = r.kv_len - r.q_len; /* position of query row 0 */
+    r.p0 = off + r.i0;
+    r.p1 = off + min(r.i0 + BM, r.q_len) - 1;
+    r.jlast = r.p1 / BN;
+    return true;
+}
+
 /* A plan entry is a key tile index, with this bit set when the tile needs no mask. */
 constexpr uint32_t FULL_BIT = 0x80000000u;
 

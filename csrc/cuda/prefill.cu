@@ -53,19 +53,11 @@ template <typename T, int D>
 __global__ void __launch_bounds__(THREADS, 2) prefill_kernel(const PrefillArgs a)
 {
     extern __shared__ __align__(128) uint8_t smem[];
-    const int h = blockIdx.x;
-    const int b = blockIdx.z;
-    const int qt = gridDim.y - 1 - blockIdx.y; /* the longest rows start first */
-    const int q_len = a.q_len[b];
-    const int i0 = qt * BM;
-    if (i0 >= q_len) return;
-    const int kv_len = a.kv_len[b];
-    const int q_start = a.q_start[b], k_start = a.k_start[b];
-    const int hk = h / a.group;
-    const int off = kv_len - q_len; /* position of query row 0 */
-    const int p0 = off + i0;
-    const int p1 = off + min(i0 + BM, q_len) - 1;
-    const int jlast = p1 / BN; /* the diagonal tile: never empty (query p1 sees key p1) */
+    BlockRows br;
+    if (!block_rows<BM, BN>(a, br)) return;
+    const int h = br.h, b = br.b, hk = br.hk, i0 = br.i0, p0 = br.p0, p1 = br.p1;
+    const int q_len = br.q_len, kv_len = br.kv_len, q_start = br.q_start, k_start = br.k_start;
+    const int jlast = br.jlast;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, c4 = lane & 3;
@@ -291,18 +283,8 @@ template <typename T, int D> sf_status launch(const PrefillArgs &a, int heads_q,
                                               int max_q_len, cudaStream_t stream)
 {
     constexpr int bytes = smem_bytes<D>();
-    /* the shared-memory limit is raised once per device (a host-side setting, legal while
-     * a graph is being captured, but done eagerly on the first call anyway) */
     static unsigned long long configured = 0;
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return SF_ERR_CUDA;
-    const unsigned long long bit = 1ull << (dev & 63);
-    if (!(__atomic_load_n(&configured, __ATOMIC_ACQUIRE) & bit)) {
-        if (cudaFuncSetAttribute(prefill_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 bytes) != cudaSuccess)
-            return SF_ERR_CUDA;
-        __atomic_fetch_or(&configured, bit, __ATOMIC_RELEASE);
-    }
+    if (!configure_once((const void *)prefill_kernel<T, D>, bytes, &configured)) return SF_ERR_CUDA;
     dim3 grid(heads_q, (max_q_len + BM - 1) / BM, batch);
     prefill_kernel<T, D><<<grid, THREADS, bytes, stream>>>(a);
     return last_launch_status();
@@ -429,43 +411,12 @@ extern "C" sf_status sf_cuda_attention(const sf_layouts *layouts, const sf_seqs 
 {
     (void)workspace;
     (void)workspace_bytes;
-    if (seqs == nullptr || params == nullptr) return SF_ERR_ARGUMENT;
-    if (params->dtype != SF_BFLOAT16 && params->dtype != SF_FLOAT16) return SF_ERR_DTYPE;
-    if (params->head_dim != 64 && params->head_dim != 128) return SF_ERR_HEAD_DIM;
-    if (params->heads_q <= 0 || params->heads_kv <= 0 || params->heads_q % params->heads_kv != 0)
-        return SF_ERR_ARGUMENT;
-    if (seqs->batch < 0 || seqs->max_q_len < 0) return SF_ERR_ARGUMENT;
-    if (layouts != nullptr && layouts->batch != seqs->batch) return SF_ERR_LAYOUT;
-    if (seqs->batch == 0 || seqs->max_q_len == 0) return SF_OK;
-    if (!q.data || !k.data || !v.data || !out.data || !seqs->q_start || !seqs->q_len ||
-        !seqs->k_start || !seqs->kv_len)
-        return SF_ERR_ARGUMENT;
-    if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out)) return SF_ERR_ARGUMENT;
-    if ((int64_t)(seqs->max_q_len + BM - 1) / BM > 65535 || seqs->batch > 65535)
-        return SF_ERR_ARGUMENT;
-
-    PrefillArgs a;
-    a.seg_ptr = layouts ? layouts->seg_ptr : nullptr;
-    a.seg_end = layouts ? layouts->seg_end : nullptr;
-    a.seg_kind = layouts ? layouts->seg_kind : nullptr;
-    a.seg_bias = layouts ? layouts->seg_bias : nullptr;
-    a.q_start = seqs->q_start;
-    a.q_len = seqs->q_len;
-    a.k_start = seqs->k_start;
-    a.kv_len = seqs->kv_len;
-    a.q = (const uint16_t *)q.data;
-    a.k = (const uint16_t *)k.data;
-    a.v = (const uint16_t *)v.data;
-    a.out = (uint16_t *)out.data;
-    a.q_sb = q.stride_b; a.q_sh = q.stride_h; a.q_st = q.stride_t;
-    a.k_sb = k.stride_b; a.k_sh = k.stride_h; a.k_st = k.stride_t;
-    a.v_sb = v.stride_b; a.v_sh = v.stride_h; a.v_st = v.stride_t;
-    a.o_sb = out.stride_b; a.o_sh = out.stride_h; a.o_st = out.stride_t;
-    a.lse = lse;
-    a.lse_sb = lse_stride_b;
-    a.lse_sh = lse_stride_h;
-    a.group = params->heads_q / params->heads_kv;
-    a.scale_log2 = params->scale * kLog2e;
+    bool nothing;
+    const sf_status checked = check_call(layouts, seqs, params, q, k, v, out, &nothing);
+    if (checked != SF_OK || nothing) return checked;
+    if ((int64_t)(seqs->max_q_len + BM - 1) / BM > 65535) return SF_ERR_ARGUMENT; /* grid y */
+    const PrefillArgs a = pack_args(layouts, seqs, params, q, k, v, out, lse, lse_stride_b,
+                                    lse_stride_h);
 
     cudaStream_t st = (cudaStream_t)stream;
     const bool bf = params->dtype == SF_BFLOAT16;

@@ -22,22 +22,12 @@
 #include <stdint.h>
 
 #include "segflex.h"
+#include "common.cuh"
 
 namespace sfcuda {
 
-struct PrefillArgs {
-    const int32_t *seg_ptr, *seg_end;
-    const uint8_t *seg_kind;
-    const float *seg_bias;
-    const int32_t *q_start, *q_len, *k_start, *kv_len;
-    const uint16_t *q, *k, *v;
-    uint16_t *out;
-    int64_t q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, o_sb, o_sh, o_st;
-    float *lse;
-    int64_t lse_sb, lse_sh;
-    int group; /* heads_q / heads_kv */
-    float scale_log2;
-};
+/* The prefill kernels read nothing beyond the common argument block. */
+typedef AttnArgs PrefillArgs;
 
 /* Query rows per block of the Hopper kernel (it sizes the grid's y extent). */
 constexpr int SM90_BM = 128;

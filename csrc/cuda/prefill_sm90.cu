@@ -258,19 +258,11 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
 {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(1024) uint8_t smem_raw[];
-    const int h = blockIdx.x;
-    const int b = blockIdx.z;
-    const int qt = gridDim.y - 1 - blockIdx.y; /* the longest rows start first */
-    const int q_len = a.q_len[b];
-    const int i0 = qt * BM;
-    if (i0 >= q_len) return;
-    const int kv_len = a.kv_len[b];
-    const int q_start = a.q_start[b], k_start = a.k_start[b];
-    const int hk = h / a.group;
-    const int off = kv_len - q_len; /* position of query row 0 */
-    const int p0 = off + i0;
-    const int p1 = off + min(i0 + BM, q_len) - 1;
-    const int jlast = p1 / BN; /* the diagonal tile: never empty (query p1 sees key p1) */
+    BlockRows br;
+    if (!block_rows<BM, BN>(a, br)) return;
+    const int h = br.h, b = br.b, hk = br.hk, i0 = br.i0, p0 = br.p0, p1 = br.p1;
+    const int q_len = br.q_len, kv_len = br.kv_len, q_start = br.q_start, k_start = br.k_start;
+    const int jlast = br.jlast;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const bool producer = warp >= CONSUMERS / 32; /* warpgroup 2 */
@@ -570,16 +562,8 @@ template <typename T>
 sf_status launch(const PrefillArgs &a, int heads_q, int batch, int max_q_len, cudaStream_t stream)
 {
     static unsigned long long configured = 0;
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return SF_ERR_CUDA;
-    const unsigned long long bit = 1ull << (dev & 63);
-    if (!(__atomic_load_n(&configured, __ATOMIC_ACQUIRE) & bit)) {
-        if (cudaFuncSetAttribute(prefill_sm90_kernel<T>,
-                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 SMEM_BYTES) != cudaSuccess)
-            return SF_ERR_CUDA;
-        __atomic_fetch_or(&configured, bit, __ATOMIC_RELEASE);
-    }
+    if (!configure_once((const void *)prefill_sm90_kernel<T>, SMEM_BYTES, &configured))
+        return SF_ERR_CUDA;
     dim3 grid(heads_q, (max_q_len + BM - 1) / BM, batch);
     prefill_sm90_kernel<T><<<grid, THREADS, SMEM_BYTES, stream>>>(a);
     return last_launch_status();

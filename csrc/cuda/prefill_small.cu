@@ -95,16 +95,6 @@ struct PartialTileMask {
     }
 };
 
-/* A load of global memory issued where it is written: the compiler would sink a plain load
- * past the kernel's early exit, one trip to memory after the load that decides the exit. */
-__device__ __forceinline__ int load_now(const int32_t *p)
-{
-    int v;
-    asm volatile("{\n .reg .u64 ga;\n cvta.to.global.u64 ga, %1;\n ld.global.b32 %0, [ga];\n}\n"
-                 : "=r"(v)
-                 : "l"(p));
-    return v;
-}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(const PrefillArgs a)
@@ -112,21 +102,14 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
     using L = Layout<D>;
     constexpr int NSTAGE = L::NSTAGE;
     extern __shared__ __align__(128) uint8_t smem[];
-    const int h = blockIdx.x;
-    const int b = blockIdx.z;
-    const int qt = gridDim.y - 1 - blockIdx.y; /* the rows with the most keys start first */
     /* The loads that depend on nothing come first, so that their trips to memory overlap:
      * the chain of dependent loads before the first tile is what a short problem waits for. */
-    const int q_len = load_now(a.q_len + b), kv_len = load_now(a.kv_len + b);
-    const int q_start = load_now(a.q_start + b), k_start = load_now(a.k_start + b);
-    SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
-    const int i0 = qt * BM;
-    if (i0 >= q_len) return;
-    const int hk = h / a.group;
-    const int off = kv_len - q_len; /* position of query row 0 */
-    const int p0 = off + i0;
-    const int p1 = off + min(i0 + BM, q_len) - 1;
-    const int jlast = p1 / BN; /* the diagonal tile: never empty (query p1 sees key p1) */
+    SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, blockIdx.z);
+    BlockRows br;
+    if (!block_rows<BM, BN>(a, br)) return;
+    const int h = br.h, b = br.b, hk = br.hk, i0 = br.i0, p0 = br.p0, p1 = br.p1;
+    const int q_len = br.q_len, kv_len = br.kv_len, q_start = br.q_start, k_start = br.k_start;
+    const int jlast = br.jlast;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, c4 = lane & 3;
@@ -157,21 +140,11 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
      * (register r: row g + 8 * (r & 1), columns 8 * (r >> 1) + 2 * c4, +1); rows past
      * q_len are zeros and never read. All four warps load the same rows. */
     uint32_t qf[D / 16][4];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int i = i0 + g + r * 8;
-        const bool valid = i < q_len;
-        const uint16_t *qrow = a.q + b * a.q_sb + h * a.q_sh + (int64_t)(q_start + i) * a.q_st;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            uint32_t lo = 0, hi = 0;
-            if (valid) {
-                lo = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 2 * c4);
-                hi = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 8 + 2 * c4);
-            }
-            qf[kk][r] = lo;
-            qf[kk][2 + r] = hi;
-        }
+    {
+        const uint16_t *qbase = a.q + b * a.q_sb + h * a.q_sh + (int64_t)(q_start + i0 + g) * a.q_st;
+        const uint16_t *const qrow[2] = {qbase, qbase + 8 * a.q_st};
+        const bool valid[2] = {i0 + g < q_len, i0 + g + 8 < q_len};
+        load_q_fragments<D>(qf, qrow, valid);
     }
 
     /* The sequence's segment table, staged in shared memory when small. */
@@ -270,22 +243,9 @@ template <typename T, int D>
 sf_status launch(const PrefillArgs &a, int heads_q, int batch, int max_q_len, cudaStream_t stream)
 {
     constexpr int bytes = Layout<D>::BYTES;
-    /* Set once per device (host-side settings, legal while a graph is being captured, but
-     * done eagerly on the first call anyway): the dynamic shared-memory limit, and the
-     * largest shared-memory carveout so that MIN_BLOCKS blocks fit in an SM. */
-    static unsigned long long configured = 0;
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return SF_ERR_CUDA;
-    const unsigned long long bit = 1ull << (dev & 63);
-    if (!(__atomic_load_n(&configured, __ATOMIC_ACQUIRE) & bit)) {
-        const void *fn = reinterpret_cast<const void *>(prefill_small_kernel<T, D>);
-        if (cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) !=
-                cudaSuccess ||
-            cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                 cudaSharedmemCarveoutMaxShared) != cudaSuccess)
-            return SF_ERR_CUDA;
-        __atomic_fetch_or(&configured, bit, __ATOMIC_RELEASE);
-    }
+    static unsigned long long configured = 0; /* MIN_BLOCKS blocks per SM need the carveout */
+    if (!configure_once((const void *)prefill_small_kernel<T, D>, bytes, &configured))
+        return SF_ERR_CUDA;
     dim3 grid(heads_q, (max_q_len + BM - 1) / BM, batch);
     prefill_small_kernel<T, D><<<grid, THREADS, bytes, stream>>>(a);
     return last_launch_status();

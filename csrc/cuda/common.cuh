@@ -308,13 +308,14 @@ inline sf_status check_call(const sf_layouts *layouts, const sf_seqs *seqs,
     return SF_OK;
 }
 
-/* The argument block of a checked call. */
-inline AttnArgs pack_args(const sf_layouts *layouts, const sf_seqs *seqs,
-                          const sf_attn_params *params, const sf_tensor &q, const sf_tensor &k,
-                          const sf_tensor &v, const sf_tensor &out, float *lse, int64_t lse_sb,
-                          int64_t lse_sh)
+/* Fills the fields every argument block has (AttnArgs' names; the decode kernels' block
+ * adds its own) from a checked call. */
+template <typename Args>
+inline void pack_args(Args &a, const sf_layouts *layouts, const sf_seqs *seqs,
+                      const sf_attn_params *params, const sf_tensor &q, const sf_tensor &k,
+                      const sf_tensor &v, const sf_tensor &out, float *lse, int64_t lse_sb,
+                      int64_t lse_sh)
 {
-    AttnArgs a;
     a.seg_ptr = layouts ? layouts->seg_ptr : nullptr;
     a.seg_end = layouts ? layouts->seg_end : nullptr;
     a.seg_kind = layouts ? layouts->seg_kind : nullptr;
@@ -336,14 +337,15 @@ inline AttnArgs pack_args(const sf_layouts *layouts, const sf_seqs *seqs,
     a.lse_sh = lse_sh;
     a.group = params->heads_q / params->heads_kv;
     a.scale_log2 = params->scale * kLog2e;
-    return a;
 }
 
-/* Lets `kernel` use `bytes` of dynamic shared memory, and the largest shared-memory carveout
- * (so that as many blocks fit in an SM as the shared memory allows). Host-side settings,
- * legal while a graph is being captured, but made once per device, eagerly, on the first
- * call: `done` is the caller's set of devices (one bit each) already configured. */
-inline bool configure_once(const void *kernel, int bytes, unsigned long long *done)
+/* Lets `kernel` use `bytes` of dynamic shared memory and, with max_carveout, asks for the
+ * largest shared-memory carveout (so that as many blocks fit in an SM as the shared memory
+ * allows; otherwise the driver picks it). Host-side settings, legal while a graph is being
+ * captured, but made once per device, eagerly, on the first call: `done` is the caller's set
+ * of devices (one bit each) already configured. */
+inline bool configure_once(const void *kernel, int bytes, unsigned long long *done,
+                           bool max_carveout = false)
 {
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess) return false;
@@ -351,8 +353,9 @@ inline bool configure_once(const void *kernel, int bytes, unsigned long long *do
     if (__atomic_load_n(done, __ATOMIC_ACQUIRE) & bit) return true;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) !=
             cudaSuccess ||
-        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                             cudaSharedmemCarveoutMaxShared) != cudaSuccess)
+        (max_carveout &&
+         cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                              cudaSharedmemCarveoutMaxShared) != cudaSuccess))
         return false;
     __atomic_fetch_or(done, bit, __ATOMIC_RELEASE);
     return true;

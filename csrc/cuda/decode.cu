@@ -38,7 +38,7 @@ constexpr int THREADS = 128;
 /* Pipeline depth and the fewest tiles per split: build-time constants (-D...) so that an A/B
  * run can rebuild with other values; the defaults are the measured choice (Policy below). */
 #ifndef SEGFLEX_DECODE_STAGES
-#define SEGFLEX_DECODE_STAGES 4
+#define SEGFLEX_DECODE_STAGES 3
 #endif
 #ifndef SEGFLEX_DECODE_MIN_TILES
 #define SEGFLEX_DECODE_MIN_TILES 4
@@ -49,12 +49,21 @@ constexpr int ROWS_PER_BLOCK = 64; /* 4 warps x 16 rows */
 constexpr int MAX_SPLITS = 64;
 constexpr int SEG_CAP = 1024;
 
-/* The common argument block, and what the splits and their merge add. */
-struct DecodeArgs : AttnArgs {
+struct DecodeArgs {
+    const int32_t *seg_ptr, *seg_end;
+    const uint8_t *seg_kind;
+    const float *seg_bias;
+    const int32_t *q_start, *q_len, *k_start, *kv_len;
+    const uint16_t *q, *k, *v;
+    uint16_t *out;
+    int64_t q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, o_sb, o_sh, o_st;
+    float *lse;
+    int64_t lse_sb, lse_sh;
     float *part_o;   /* [batch, heads_q, max_q, nsplit, D] */
     float *part_lse; /* [batch, heads_q, max_q, nsplit] */
-    int heads_q, max_q, nsplit, row_chunks;
-    int ctr_base; /* first arrival counter of this launch (splits merged in the kernel) */
+    int heads_q, group, max_q, nsplit, row_chunks;
+    int ctr_base;   /* first arrival counter of this launch (splits merged in the kernel) */
+    float scale_log2;
 };
 
 template <int D> __host__ __device__ constexpr int pipe_bytes() { return NSTAGE * (2 * BN * D * 2 + BN * 4); }
@@ -74,48 +83,6 @@ template <int D> __host__ __device__ constexpr int smem_bytes()
 constexpr int TM_POOL = 16384;
 __device__ int g_arrivals[TM_POOL];
 
-/* The weights of a row's splits, from their log-sum-exps (row_lse: nsplit floats, read
- * through L2: other blocks wrote them). Lane l holds split l's weight in w0 and split l + 32's
- * in w1 (0 for an empty split); mx is the largest log-sum-exp, sum the weights' sum. */
-__device__ __forceinline__ void split_weights(const float *row_lse, int nsplit, int lane, float *w0,
-                                              float *w1, float *mx, float *sum)
-{
-    const float l0 = lane < nsplit ? __ldcg(row_lse + lane) : -INFINITY;
-    const float l1 = lane + 32 < nsplit ? __ldcg(row_lse + lane + 32) : -INFINITY;
-    float m = fmaxf(l0, l1);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    *w0 = (m == -INFINITY || l0 == -INFINITY) ? 0.f : __expf(l0 - m);
-    *w1 = (m == -INFINITY || l1 == -INFINITY) ? 0.f : __expf(l1 - m);
-    float s = *w0 + *w1;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    *mx = m;
-    *sum = s;
-}
-
-/* Writes one merged output row from a warp: lane holds the weighted sums of columns
- * lane*E .. lane*E + E-1 (E = D/32); lane 0 writes the natural log-sum-exp. */
-template <typename T, int D>
-__device__ __forceinline__ void write_merged_row(const DecodeArgs &a, int b, int h, int row,
-                                                 int lane, const float (&acc)[D / 32], float sum,
-                                                 float mx)
-{
-    constexpr int E = D / 32;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)row * a.o_st + lane * E;
-    if constexpr (E == 4) {
-        uint2 pk;
-        pk.x = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
-        pk.y = Pack2<T>::pack(acc[2] * inv, acc[3] * inv);
-        *reinterpret_cast<uint2 *>(orow) = pk;
-    } else {
-        *reinterpret_cast<uint32_t *>(orow) = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
-    }
-    if (a.lse != nullptr && lane == 0)
-        a.lse[b * a.lse_sb + h * a.lse_sh + row] = sum > 0.f ? mx + logf(sum) : -INFINITY;
-}
-
 /* Merges the nsplit partial results of one row (b, h, t) and writes the output row: one
  * warp, lanes holding the splits' log-sum-exps (split s in lane s % 32) and each lane
  * D/32 output elements. Every split of the grid wrote its partial row (an empty split:
@@ -130,13 +97,23 @@ __device__ __forceinline__ void merge_row(const DecodeArgs &a, int b, int h, int
     typedef typename std::conditional<E == 4, float4, float2>::type Vec;
     constexpr int BATCH = 32;
     const int64_t row_id = ((int64_t)b * a.heads_q + h) * a.max_q + t;
+    const float *pl = a.part_lse + row_id * a.nsplit;
     const float *po = a.part_o + row_id * a.nsplit * D + lane * E;
-    Vec x[BATCH]; /* issued before the weights are known */
+    const float l0 = lane < a.nsplit ? __ldcg(pl + lane) : -INFINITY;
+    const float l1 = lane + 32 < a.nsplit ? __ldcg(pl + lane + 32) : -INFINITY;
+    Vec x[BATCH];
 #pragma unroll
     for (int j = 0; j < BATCH; ++j)
         if (j < a.nsplit) x[j] = __ldcg(reinterpret_cast<const Vec *>(po + (int64_t)j * D));
-    float w0, w1, mx, sum;
-    split_weights(a.part_lse + row_id * a.nsplit, a.nsplit, lane, &w0, &w1, &mx, &sum);
+
+    float mx = fmaxf(l0, l1);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float w0 = (mx == -INFINITY || l0 == -INFINITY) ? 0.f : __expf(l0 - mx);
+    const float w1 = (mx == -INFINITY || l1 == -INFINITY) ? 0.f : __expf(l1 - mx);
+    float sum = w0 + w1;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
 
     float acc[E];
 #pragma unroll
@@ -161,7 +138,18 @@ __device__ __forceinline__ void merge_row(const DecodeArgs &a, int b, int h, int
             }
         }
     }
-    write_merged_row<T, D>(a, b, h, q_start + t, lane, acc, sum, mx);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + t) * a.o_st + lane * E;
+    if constexpr (E == 4) {
+        uint2 pk;
+        pk.x = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
+        pk.y = Pack2<T>::pack(acc[2] * inv, acc[3] * inv);
+        *reinterpret_cast<uint2 *>(orow) = pk;
+    } else {
+        *reinterpret_cast<uint32_t *>(orow) = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
+    }
+    if (a.lse != nullptr && lane == 0)
+        a.lse[b * a.lse_sb + h * a.lse_sh + q_start + t] = sum > 0.f ? mx + logf(sum) : -INFINITY;
 }
 
 /* Called by every thread of a block after it wrote its split's partial rows: the block that
@@ -197,50 +185,6 @@ int take_counters(int groups)
     base %= (unsigned int)TM_POOL;
     if (base + (unsigned int)groups > (unsigned int)TM_POOL) base = 0;
     return (int)base;
-}
-
-/* Stages a sequence's segment ends and biases in shared memory when it has at most cap
- * segments (decode needs no kinds: its queries are all global) and points the view there.
- * Called by all THREADS threads; the caller's next barrier makes the copy visible. */
-template <int THREADS>
-__device__ __forceinline__ void stage_biases(SegView &view, int cap, int32_t *s_end, float *s_bias,
-                                             int tid)
-{
-    if (view.n > cap) return;
-    for (int s = tid; s < view.n; s += THREADS) {
-        s_end[s] = view.end[s];
-        s_bias[s] = view.bias[s];
-    }
-    view.end = s_end;
-    view.bias = s_bias;
-}
-
-/* A thread's two query rows in a decode block (mma rows g and g + 8 of its warp). A block's
- * rows are its KV head's query heads times the new tokens, head-major: block row rr is token
- * rr % max_q of query head hk * group + rr / max_q. */
-struct ThreadRows {
-    int h[2], t[2];         /* query head and new token */
-    int pos[2];             /* position in the sequence */
-    bool valid[2];          /* a row of the block, and a token of the sequence */
-    const uint16_t *q[2];   /* the row of q */
-};
-
-/* rr0: the block row of the thread's first row (its second is rr0 + 8); rows: the block's. */
-__device__ __forceinline__ void thread_rows(const DecodeArgs &a, int b, int q_start, int hk,
-                                            int rr0, int rows, int q_len, int kv_len,
-                                            ThreadRows &tr)
-{
-    const int row_base = rr0 - rr0 % ROWS_PER_BLOCK; /* the block's first row */
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int rr = rr0 + r * 8;
-        const int gi = rr / a.max_q, t = rr % a.max_q;
-        tr.valid[r] = rr - row_base < rows && t < q_len;
-        tr.h[r] = hk * a.group + gi;
-        tr.t[r] = t;
-        tr.pos[r] = kv_len - q_len + t;
-        tr.q[r] = a.q + b * a.q_sb + tr.h[r] * a.q_sh + (int64_t)(q_start + t) * a.q_st;
-    }
 }
 
 /* The mask of a decode chunk: new token r (at position pos[r]) sees the keys up to itself
@@ -316,9 +260,18 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
     const int kend = min(kbeg + chunk, kv_len);
 
     /* this thread's two rows */
-    ThreadRows tr;
-    thread_rows(a, b, q_start, hk, rc * ROWS_PER_BLOCK + rg * 16 + g, rows, q_len, kv_len,
-                tr);
+    int hrow[2], trow[2], pos[2];
+    bool valid[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        int lr = rg * 16 + g + r * 8;
+        int rr = rc * ROWS_PER_BLOCK + lr;
+        int gi = rr / a.max_q, t = rr % a.max_q;
+        valid[r] = lr < rows && t < q_len;
+        hrow[r] = hk * a.group + gi;
+        trow[r] = t;
+        pos[r] = kv_len - q_len + t;
+    }
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     float o[D / 8][4];
@@ -332,12 +285,33 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
     if (kbeg < kend) {
         /* Q fragments straight from global memory (rows padded with zeros) */
         uint32_t qf[D / 16][4];
-        load_q_fragments<D>(qf, tr.q, tr.valid);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const uint16_t *qrow =
+                a.q + b * a.q_sb + hrow[r] * a.q_sh + (int64_t)(q_start + trow[r]) * a.q_st;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                uint32_t lo = 0, hi = 0;
+                if (valid[r]) {
+                    lo = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 2 * c4);
+                    hi = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 8 + 2 * c4);
+                }
+                qf[kk][r] = lo;
+                qf[kk][2 + r] = hi;
+            }
+        }
 
         /* per-key biases: segment table staged in shared memory when small */
         SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
         const bool has_bias = view.bias != nullptr && view.n > 0;
-        if (has_bias) stage_biases<THREADS>(view, SEG_CAP, s_end, s_sbias, tid);
+        if (has_bias && view.n <= SEG_CAP) {
+            for (int s = tid; s < view.n; s += THREADS) {
+                s_end[s] = view.end[s];
+                s_sbias[s] = view.bias[s];
+            }
+            view.end = s_end;
+            view.bias = s_sbias;
+        }
         /* the kinds are never read here: decode queries are all global */
 
         const uint16_t *kbase = a.k + b * a.k_sb + hk * a.k_sh + (int64_t)(k_start + kbeg) * a.k_st;
@@ -376,7 +350,7 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
             const int st = t % NSTAGE;
             const uint32_t sk = spipe + st * STAGE, sv = sk + BN * D * 2;
             const float *kb = reinterpret_cast<const float *>(s_pipe + st * STAGE + 2 * BN * D * 2);
-            const DecodeMask mask{tr.pos, kbeg + t * BN, kend, kb, has_bias, a.scale_log2};
+            const DecodeMask mask{pos, kbeg + t * BN, kend, kb, has_bias, a.scale_log2};
             for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count)
                 attend_chunk<T, D, CpAsyncTile<D>>(sk, sv, cchunk, mask, qf, m, l, o);
         }
@@ -390,8 +364,8 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
     /* write: the final result (one split) or this split's partial result */
 #pragma unroll
     for (int r = 0; r < 2; ++r)
-        if (tr.valid[r] && kg == 0)
-            write_row<T, D>(a, r, tr.h[r], tr.t[r], b, q_start, split, c4, m, l, o);
+        if (valid[r] && kg == 0)
+            write_row<T, D>(a, r, hrow[r], trow[r], b, q_start, split, c4, m, l, o);
 }
 
 /* Merges the splits of one row: one warp; lanes first hold the splits' weights (split s in
@@ -407,8 +381,17 @@ __global__ void __launch_bounds__(32) combine_kernel(const DecodeArgs a)
     if (t >= a.q_len[b]) return;
     const int q_start = a.q_start[b];
     const int64_t row_id = ((int64_t)b * a.heads_q + h) * a.max_q + t;
-    float w0, w1, mx, sum;
-    split_weights(a.part_lse + row_id * a.nsplit, a.nsplit, lane, &w0, &w1, &mx, &sum);
+    const float *pl = a.part_lse + row_id * a.nsplit;
+    const float l0 = lane < a.nsplit ? pl[lane] : -INFINITY;
+    const float l1 = lane + 32 < a.nsplit ? pl[lane + 32] : -INFINITY;
+    float mx = fmaxf(l0, l1);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float w0 = (mx == -INFINITY || l0 == -INFINITY) ? 0.f : __expf(l0 - mx);
+    const float w1 = (mx == -INFINITY || l1 == -INFINITY) ? 0.f : __expf(l1 - mx);
+    float sum = w0 + w1;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
 
     constexpr int E = D / 32;
     float acc[E];
@@ -428,7 +411,18 @@ __global__ void __launch_bounds__(32) combine_kernel(const DecodeArgs a)
             }
         }
     }
-    write_merged_row<T, D>(a, b, h, q_start + t, lane, acc, sum, mx);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + t) * a.o_st + lane * E;
+    if constexpr (E == 4) {
+        uint2 pk;
+        pk.x = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
+        pk.y = Pack2<T>::pack(acc[2] * inv, acc[3] * inv);
+        *reinterpret_cast<uint2 *>(orow) = pk;
+    } else {
+        *reinterpret_cast<uint32_t *>(orow) = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
+    }
+    if (a.lse != nullptr && lane == 0)
+        a.lse[b * a.lse_sb + h * a.lse_sh + q_start + t] = sum > 0.f ? mx + logf(sum) : -INFINITY;
 }
 
 int sm_count()
@@ -450,8 +444,8 @@ int row_chunks(const sf_attn_params *p, int max_q)
 
 /*
  * Launch policy of decode_kernel, and which kernel runs when the row groups alone fill the
- * chip. Chosen from H100 runs against SDPA (24 q / 8 kv heads, d = 128, bf16, one new token,
- * CUDA-graph replay medians, us). First, four policies (3-stage pipeline, plain launch):
+ * chip. Chosen from one H100 run that timed four policies against SDPA (24 q / 8 kv heads,
+ * d = 128, bf16, one new token, CUDA-graph replay medians, us):
  *
  *     blocks/SM, tiles/split, merge    1 x 256  1 x 2k  1 x 8k  1 x 32k  32 x 2k
  *     2 (up), >= 4, combine kernel         6.4     8.6    13.7     53.5     93.0
@@ -464,12 +458,13 @@ int row_chunks(const sf_attn_params *p, int max_q)
  * merge work: 32k reads at 2.64 TB/s against 2.51), and a split shorter than 4 tiles
  * costs more in merging than its parallelism brings (256 keys: one split, 6.4 us, against
  * two, 6.7 / 7.5 us). The in-kernel merge showed no consistent gain (and a loss at 2k and
- * 256 with splits), so a second kernel merges.
+ * 256 with splits), so a second kernel merges. Run-to-run spread is about 0.3 us.
  *
  * Then, with the split kernel itself a programmatic dependent launch (scheduled while the
- * kernel before it drains): pipeline stages x fewest tiles per split, and the splits of a
- * row group run as one thread-block cluster merging through distributed shared memory
- * instead of the combine kernel (cluster size <= 8 or 16, min tiles per split):
+ * kernel before it drains), pipeline stages x fewest tiles per split (builds with
+ * -DSEGFLEX_DECODE_STAGES / -DSEGFLEX_DECODE_MIN_TILES), and the splits of a row group run
+ * as one thread-block cluster merging through distributed shared memory instead of the
+ * combine kernel (at most 8 or 16 blocks per cluster, fewest tiles per split):
  *
  *     stages, tiles, merge              1 x 256  1 x 2k  1 x 8k  1 x 32k  32 x 2k
  *     3, >= 4, combine kernel               5.8     8.2    11.9     50.5     92.9
@@ -481,12 +476,11 @@ int row_chunks(const sf_attn_params *p, int max_q)
  *     SDPA (same runs)                  6.3-6.4 7.6-8.0 12.0-12.4 51.4-51.9 91.4-92.1
  *
  * The programmatic launch took 0.5-1 us off every batch-1 size. Clusters lost everywhere:
- * launching a cluster and its two barriers cost more than the combine kernel, which the
- * programmatic launch already overlaps, and eight blocks per row group do not stream a long
- * cache as fast as sixteen. Pipeline depth and the tiles per split change the rest by less
- * than the run-to-run spread (about 0.3 us); the default keeps four tiles per split (one
- * split at 256 keys, no merge) and four stages, so that a four-tile split has all its
- * tiles in flight at once.
+ * a cluster launch and its two barriers cost more than the combine kernel, which the
+ * programmatic launch already overlaps, and eight blocks per row group stream a long cache
+ * slower than sixteen. Pipeline depth changes nothing beyond the spread; two tiles per split
+ * give back the 256-key case (two splits and a merge instead of one split). Defaults: three
+ * stages, at least four tiles per split.
  */
 struct Policy {
     int per_sm;     /* blocks per multiprocessor the splits aim at */
@@ -537,7 +531,7 @@ sf_status launch(DecodeArgs a, int heads_kv, int batch, cudaStream_t stream)
     /* Both kernels are programmatic dependents: the split kernel is scheduled while the
      * previous kernel of the stream drains, the merge kernel while the split kernel runs. */
     const dim3 grid(a.nsplit, heads_kv * a.row_chunks, batch);
-    sf_status st = launch_dependent(decode_kernel<T, D>, grid, dim3(THREADS), bytes, stream, a);
+    const sf_status st = launch_dependent(decode_kernel<T, D>, grid, dim3(THREADS), bytes, stream, a);
     if (st != SF_OK || a.nsplit == 1) return st;
     return launch_dependent(combine_kernel<T, D>, dim3(a.max_q, a.heads_q, batch), dim3(32), 0,
                             stream, a);
@@ -632,8 +626,7 @@ extern "C" sf_status sf_cuda_decode(const sf_layouts *layouts, const sf_seqs *se
     if ((q.stride_t % 2) != 0) return SF_ERR_ARGUMENT;
 
     DecodeArgs a;
-    static_cast<AttnArgs &>(a) =
-        pack_args(layouts, seqs, params, q, k, v, out, lse, lse_stride_b, lse_stride_h);
+    pack_args(a, layouts, seqs, params, q, k, v, out, lse, lse_stride_b, lse_stride_h);
     a.heads_q = params->heads_q;
     a.max_q = seqs->max_q_len;
     a.row_chunks = row_chunks(params, seqs->max_q_len);

@@ -167,9 +167,18 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
     const int kend = min(t1 * BN, kv_len);
 
     /* this thread's two rows */
-    ThreadRows tr;
-    thread_rows(a, b, q_start, hk, rc * ROWS_PER_BLOCK + rg * 16 + g, rows, q_len, kv_len,
-                tr);
+    int hrow[2], trow[2], pos[2];
+    bool valid[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        int lr = rg * 16 + g + r * 8;
+        int rr = rc * ROWS_PER_BLOCK + lr;
+        int gi = rr / a.max_q, t = rr % a.max_q;
+        valid[r] = lr < rows && t < q_len;
+        hrow[r] = hk * a.group + gi;
+        trow[r] = t;
+        pos[r] = kv_len - q_len + t;
+    }
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     float o[D / 8][4];
@@ -187,12 +196,33 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
     if (kbeg < kend) {
         /* Q fragments straight from global memory (rows padded with zeros) */
         uint32_t qf[D / 16][4];
-        load_q_fragments<D>(qf, tr.q, tr.valid);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const uint16_t *qrow =
+                a.q + b * a.q_sb + hrow[r] * a.q_sh + (int64_t)(q_start + trow[r]) * a.q_st;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                uint32_t lo = 0, hi = 0;
+                if (valid[r]) {
+                    lo = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 2 * c4);
+                    hi = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 8 + 2 * c4);
+                }
+                qf[kk][r] = lo;
+                qf[kk][2 + r] = hi;
+            }
+        }
 
         /* per-key biases: segment table staged in shared memory when small */
         SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
         const bool has_bias = view.bias != nullptr && view.n > 0;
-        if (has_bias) stage_biases<TM_THREADS>(view, TM_SEG_CAP, s_end, s_sbias, tid);
+        if (has_bias && view.n <= TM_SEG_CAP) {
+            for (int s = tid; s < view.n; s += TM_THREADS) {
+                s_end[s] = view.end[s];
+                s_sbias[s] = view.bias[s];
+            }
+            view.end = s_end;
+            view.bias = s_sbias;
+        }
 
         const int nkeys = kend - kbeg;
         const int ntiles = t1 - t0;
@@ -277,7 +307,7 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
 
             const uint32_t sk = sbase + st * STAGE, sv = sk + KVB;
             const float *kb = s_kbias + st * BN;
-            const DecodeMask mask{tr.pos, kbeg + t * BN, kend, kb, has_bias, a.scale_log2};
+            const DecodeMask mask{pos, kbeg + t * BN, kend, kb, has_bias, a.scale_log2};
             for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count)
                 attend_chunk<T, D, TmaTile>(sk, sv, cchunk, mask, qf, m, l, o);
         }
@@ -292,7 +322,7 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
     if (kg == 0) {
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-            if (tr.valid[r]) write_row<T, D>(a, r, tr.h[r], tr.t[r], b, q_start, split, c4, m, l, o);
+            if (valid[r]) write_row<T, D>(a, r, hrow[r], trow[r], b, q_start, split, c4, m, l, o);
     }
     if (a.nsplit == 1) return; /* uniform over the grid */
 
@@ -385,7 +415,6 @@ sf_status launch_tma(DecodeArgs a, int heads_kv, int batch, cudaStream_t stream)
         return SF_ERR_CUDA;
     const int groups = heads_kv * a.row_chunks * batch;
     a.ctr_base = a.nsplit > 1 ? take_counters(groups) : 0;
-
     return launch_dependent(decode_tma_kernel<T, D>, dim3(a.nsplit, heads_kv * a.row_chunks, batch),
                             dim3(TM_THREADS), bytes, stream, a, rows, kmap, vmap);
 }

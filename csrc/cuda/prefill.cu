@@ -415,8 +415,8 @@ extern "C" sf_status sf_cuda_attention(const sf_layouts *layouts, const sf_seqs 
     const sf_status checked = check_call(layouts, seqs, params, q, k, v, out, &nothing);
     if (checked != SF_OK || nothing) return checked;
     if ((int64_t)(seqs->max_q_len + BM - 1) / BM > 65535) return SF_ERR_ARGUMENT; /* grid y */
-    const PrefillArgs a = pack_args(layouts, seqs, params, q, k, v, out, lse, lse_stride_b,
-                                    lse_stride_h);
+    PrefillArgs a;
+    pack_args(a, layouts, seqs, params, q, k, v, out, lse, lse_stride_b, lse_stride_h);
 
     cudaStream_t st = (cudaStream_t)stream;
     const bool bf = params->dtype == SF_BFLOAT16;

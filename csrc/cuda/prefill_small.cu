@@ -244,7 +244,7 @@ sf_status launch(const PrefillArgs &a, int heads_q, int batch, int max_q_len, cu
 {
     constexpr int bytes = Layout<D>::BYTES;
     static unsigned long long configured = 0; /* MIN_BLOCKS blocks per SM need the carveout */
-    if (!configure_once((const void *)prefill_small_kernel<T, D>, bytes, &configured))
+    if (!configure_once((const void *)prefill_small_kernel<T, D>, bytes, &configured, true))
         return SF_ERR_CUDA;
     dim3 grid(heads_q, (max_q_len + BM - 1) / BM, batch);
     prefill_small_kernel<T, D><<<grid, THREADS, bytes, stream>>>(a);

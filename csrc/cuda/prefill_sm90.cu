@@ -193,41 +193,29 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t saddr, uint32_t lbo16, ui
  */
 template <typename T> struct WgmmaOps;
 
-template <> struct WgmmaOps<__nv_bfloat16> {
-    static __device__ __forceinline__ void qk(float *d, uint64_t da, uint64_t db, int accumulate)
-    {
-        asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
-                     " wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " SF_D64
-                     ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-                     : SF_ACC64(d)
-                     : "l"(da), "l"(db), "r"(accumulate));
-    }
-    static __device__ __forceinline__ void pv(float *d, const uint32_t *a, uint64_t db)
-    {
-        asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " SF_D32
-                     ", {%32,%33,%34,%35}, %36, 1, 1, 1, 1;\n"
-                     : SF_ACC32(d)
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-    }
-};
-
-template <> struct WgmmaOps<__half> {
-    static __device__ __forceinline__ void qk(float *d, uint64_t da, uint64_t db, int accumulate)
-    {
-        asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
-                     " wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " SF_D64
-                     ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-                     : SF_ACC64(d)
-                     : "l"(da), "l"(db), "r"(accumulate));
-    }
-    static __device__ __forceinline__ void pv(float *d, const uint32_t *a, uint64_t db)
-    {
-        asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " SF_D32
-                     ", {%32,%33,%34,%35}, %36, 1, 1, 1, 1;\n"
-                     : SF_ACC32(d)
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-    }
-};
+/* The two specialisations differ only in the element type named in the instruction. */
+#define SF_WGMMA_OPS(CTYPE, PTXTYPE)                                                             \
+    template <> struct WgmmaOps<CTYPE> {                                                         \
+        static __device__ __forceinline__ void qk(float *d, uint64_t da, uint64_t db,            \
+                                                  int accumulate)                               \
+        {                                                                                        \
+            asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"                          \
+                         " wgmma.mma_async.sync.aligned.m64n128k16.f32." PTXTYPE "." PTXTYPE     \
+                         " " SF_D64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                            \
+                         : SF_ACC64(d)                                                           \
+                         : "l"(da), "l"(db), "r"(accumulate));                                   \
+        }                                                                                        \
+        static __device__ __forceinline__ void pv(float *d, const uint32_t *a, uint64_t db)     \
+        {                                                                                        \
+            asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." PTXTYPE "." PTXTYPE     \
+                         " " SF_D32 ", {%32,%33,%34,%35}, %36, 1, 1, 1, 1;\n"                   \
+                         : SF_ACC32(d)                                                           \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));                \
+        }                                                                                        \
+    };
+SF_WGMMA_OPS(__nv_bfloat16, "bf16")
+SF_WGMMA_OPS(__half, "f16")
+#undef SF_WGMMA_OPS
 
 /*
  * The producer's copy of ROWS rows (global rows base + r*stride, r < valid_rows;

@@ -18,10 +18,12 @@
  * processed from the diagonal down. S = Q K^T is wgmma with both operands in shared
  * memory; O += P V is wgmma with P in registers (the S accumulator converted in
  * place) and V in shared memory read N-major (the transpose bit). Softmax is
- * online, fp32, base 2. Each warpgroup issues P V of tile n together with
- * Q K^T of tile n + 1 as one batch, and the two warpgroups take turns issuing their
- * batches (named barriers), so one warpgroup's softmax runs while the tensor cores
- * work on the other's products.
+ * online, fp32, base 2. Each warpgroup issues Q K^T of tile n + 1 and then P V of
+ * tile n as one batch and starts the softmax of tile n + 1 as soon as its scores are in,
+ * while its P V still runs; the two warpgroups take turns issuing their batches (named
+ * barriers), so one warpgroup's softmax also runs while the tensor cores work on the
+ * other's products. K and V of a stage are released separately (K once its scores are
+ * in, V once P V is done), so the producer refills K half a step earlier.
  *
  * Why cp.async and not TMA: a tensor map needs the extent of the key axis, and
  * the contract only gives per-sequence lengths in device memory; the rows past a
@@ -97,7 +99,7 @@ constexpr int OFF_KIND = OFF_BIAS + SEG_CAP * 4;
 constexpr int FACT_SLOTS = 3;
 constexpr int OFF_FACTS = OFF_KIND + SEG_CAP;   /* [slot][seg BN | bias BN] */
 constexpr int OFF_BAR = OFF_FACTS + FACT_SLOTS * 2 * BN * 4;
-constexpr int OFF_COUNT = OFF_BAR + 8 * 8;      /* full_k[2] full_v[2] empty[2] q_full */
+constexpr int OFF_COUNT = OFF_BAR + 10 * 8;     /* full_k[2] full_v[2] empty_k[2] empty_v[2] q_full */
 constexpr int SMEM_USED = OFF_COUNT + 16 * 4;
 constexpr int SMEM_BYTES = SMEM_USED + 1024;    /* slack to align the base to 1024 */
 static_assert(OFF_KV % 1024 == 0 && STAGE % 1024 == 0 && HALF_T % 1024 == 0,
@@ -161,11 +163,22 @@ template <int N> __device__ __forceinline__ void fence_regs(uint32_t *r)
     for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
-/* Descriptor with 128-byte swizzle; lbo16/sbo16 are the byte offsets divided by 16. */
-__device__ __forceinline__ uint64_t make_desc(uint32_t saddr, uint32_t lbo16, uint32_t sbo16)
+/*
+ * Descriptors with 128-byte swizzle, built as two 32-bit words: lo = start address >> 4
+ * and LBO, hi = SBO and the swizzle mode. Within one operand buffer only the start address
+ * moves, and its 14-bit field never carries into LBO (shared memory addresses are below
+ * 2^18), so the descriptor of a slice is one 32-bit add to lo. (Built per slice with shifts
+ * and masks, the 24 descriptors of a tile cost ~160 instructions per warp.)
+ */
+__device__ __forceinline__ uint32_t desc_lo(uint32_t saddr, uint32_t lbo16)
 {
-    return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(lbo16 & 0x3FFFu) << 16) |
-           ((uint64_t)(sbo16 & 0x3FFFu) << 32) | (1ull << 62);
+    return ((saddr & 0x3FFFFu) >> 4) | ((lbo16 & 0x3FFFu) << 16);
+}
+__host__ __device__ constexpr uint32_t desc_hi(uint32_t sbo16) { return (sbo16 & 0x3FFFu) | (1u << 30); }
+/* lo of the slice `bytes` further (a multiple of 16) */
+__device__ __forceinline__ uint64_t desc(uint32_t lo, uint32_t hi, uint32_t bytes)
+{
+    return ((uint64_t)hi << 32) | (uint64_t)(lo + (bytes >> 4));
 }
 
 #define SF_ACC8(a, i)                                                                          \
@@ -267,16 +280,19 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
     uint8_t *s_kind = sm + OFF_KIND;
     int32_t *s_facts = reinterpret_cast<int32_t *>(sm + OFF_FACTS);
     int32_t *s_count = reinterpret_cast<int32_t *>(sm + OFF_COUNT);
-    const uint32_t bar_full_k = base + OFF_BAR;      /* +8*stage */
-    const uint32_t bar_full_v = base + OFF_BAR + 16; /* +8*stage */
-    const uint32_t bar_empty = base + OFF_BAR + 32;  /* +8*stage */
-    const uint32_t bar_q = base + OFF_BAR + 48;
+    /* per stage (+8*stage): K / V of the stage landed, K / V of the stage consumed */
+    const uint32_t bar_full_k = base + OFF_BAR;
+    const uint32_t bar_full_v = base + OFF_BAR + 16;
+    const uint32_t bar_empty_k = base + OFF_BAR + 32;
+    const uint32_t bar_empty_v = base + OFF_BAR + 48;
+    const uint32_t bar_q = base + OFF_BAR + 64;
 
     if (tid == 0) {
         for (int st = 0; st < 2; ++st) {
             mbar_init(bar_full_k + 8 * st, PRODUCERS); /* every producer thread */
             mbar_init(bar_full_v + 8 * st, PRODUCERS);
-            mbar_init(bar_empty + 8 * st, CONSUMERS);  /* every consumer thread */
+            mbar_init(bar_empty_k + 8 * st, CONSUMERS); /* every consumer thread */
+            mbar_init(bar_empty_v + 8 * st, CONSUMERS);
         }
         mbar_init(bar_q, PRODUCERS);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -285,12 +301,15 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
     const uint16_t *kbase = a.k + b * a.k_sb + hk * a.k_sh + (int64_t)k_start * a.k_st;
     const uint16_t *vbase = a.v + b * a.v_sb + hk * a.v_sh + (int64_t)k_start * a.v_st;
     /* producer: the copies of one step into stage st, two cp.async groups (K, then V;
-     * a group stays empty when its tile index is negative) */
-    auto issue_step = [&](int jk, int jv, int st) {
+     * a group stays empty when its tile index is negative). Before its first use a stage
+     * is free; after it, each half waits until the consumers are done with it. */
+    auto issue_step = [&](int jk, int jv, int st, int use) {
         const uint32_t sk = skv + st * STAGE, sv = sk + 2 * HALF_T;
+        if (use > 0) mbar_wait(bar_empty_k + 8 * st, (use - 1) & 1);
         if (jk >= 0)
             load_rows_sw128<BN>(sk, kbase + (int64_t)jk * BN * a.k_st, a.k_st, kv_len - jk * BN, pt);
         cp_async_commit();
+        if (use > 0) mbar_wait(bar_empty_v + 8 * st, (use - 1) & 1);
         if (jv >= 0)
             load_rows_sw128<BN>(sv, vbase + (int64_t)jv * BN * a.v_st, a.v_st, kv_len - jv * BN, pt);
         cp_async_commit();
@@ -301,7 +320,7 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
         const uint16_t *qbase = a.q + b * a.q_sb + h * a.q_sh + (int64_t)(q_start + i0) * a.q_st;
         load_rows_sw128<BM>(sq, qbase, a.q_st, q_len - i0, pt); /* rows past q_len: zeros */
         cp_async_commit();
-        issue_step(jlast, -1, 0); /* step 0: the diagonal tile's K, no V yet */
+        issue_step(jlast, -1, 0, 0); /* step 0: the diagonal tile's K, no V yet */
     }
 
     /* The sequence's segment table, staged in shared memory when small. */
@@ -325,10 +344,8 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
                 const uint32_t ek = i < nplan ? s_plan[nplan - 1 - i] : 0u;
                 const int jk = i < nplan ? (int)(ek & ~FULL_BIT) : -1;
                 const int jv = i > 0 ? (int)(s_plan[nplan - i] & ~FULL_BIT) : -1;
-                if (n > 0) { /* step 0 of the first round was issued before planning */
-                    if (use > 0) mbar_wait(bar_empty + 8 * st, (use - 1) & 1);
-                    issue_step(jk, jv, st);
-                }
+                if (n > 0) /* step 0 of the first round was issued before planning */
+                    issue_step(jk, jv, st, use);
                 if (jk >= 0 && !(ek & FULL_BIT)) { /* per-key facts for the mask */
                     int32_t *fseg = s_facts + (n % FACT_SLOTS) * 2 * BN;
                     float *fbias = reinterpret_cast<float *>(fseg + BN);
@@ -350,7 +367,9 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
 
     /* ------------------------------------------------------------ consumers */
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
-    const int wg = warp >> 2, wq = warp & 3; /* warpgroup, warp in it */
+    /* warpgroup (through a shuffle, so that the compiler knows it is warp-uniform and
+     * keeps the descriptors built from it in uniform registers), warp in it */
+    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wq = warp & 3;
     const int g = lane >> 2, c4 = lane & 3;
     int qpos[2], qseg[2]; /* this thread's two rows: g and g + 8 of its warp's 16 */
     bool qglob[2];
@@ -371,19 +390,30 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
 #pragma unroll
     for (int t = 0; t < BN / 16; ++t) pa[t][0] = pa[t][1] = pa[t][2] = pa[t][3] = 0u;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-    const uint32_t sq_wg = sq + wg * 64 * 128; /* this warpgroup's 64 rows of each Q half */
+    /* operand descriptors (low words): this warpgroup's Q rows, and K / V of stage 0
+     * (stage st is st * STAGE bytes further). K-major operands: LBO unused (1), SBO 1024. */
+    constexpr uint32_t HI_KMAJOR = desc_hi(1024 >> 4), HI_V = desc_hi(1024 >> 4);
+    const uint32_t lo_q = desc_lo(sq + wg * 64 * 128, 1);
+    const uint32_t lo_k0 = desc_lo(skv, 1);
+    const uint32_t lo_v0 = desc_lo(skv + 2 * HALF_T, 1024 >> 4);
 
-    /* O += P V for the P held in pa, V of stage pst (issued, not waited for) */
-    auto issue_pv = [&](int pst) {
-        const uint32_t sv = skv + pst * STAGE + 2 * HALF_T;
+    /* S = Q K^T of the K in stage st: 8 k-steps of 16 over d; k-step kk lies in half
+     * kk/4, at byte 32*(kk%4) of the 128-byte rows */
+    auto issue_qk = [&](int st) {
+        const uint32_t lo_k = lo_k0 + st * (STAGE >> 4);
 #pragma unroll
-        for (int t = 0; t < BN / 16; ++t) { /* keys 16t..16t+15: byte 2048*t of a V half */
+        for (int kk = 0; kk < D / 16; ++kk)
+            WgmmaOps<T>::qk(s, desc(lo_q, HI_KMAJOR, (kk >> 2) * HALF_Q + (kk & 3) * 32),
+                            desc(lo_k, HI_KMAJOR, (kk >> 2) * HALF_T + (kk & 3) * 32), kk > 0);
+    };
+    /* O += P V for the P held in pa, V of stage st */
+    auto issue_pv = [&](int st) {
+        const uint32_t lo_v = lo_v0 + st * (STAGE >> 4);
 #pragma unroll
-            for (int hd = 0; hd < 2; ++hd) {
-                const uint64_t db = make_desc(sv + hd * HALF_T + t * 2048, 1024 >> 4, 1024 >> 4);
-                WgmmaOps<T>::pv(o[hd], pa[t], db);
-            }
-        }
+        for (int t = 0; t < BN / 16; ++t) /* keys 16t..16t+15: byte 2048*t of a V half */
+#pragma unroll
+            for (int hd = 0; hd < 2; ++hd)
+                WgmmaOps<T>::pv(o[hd], pa[t], desc(lo_v, HI_V, hd * HALF_T + t * 2048));
     };
     /*
      * Turns: the two warpgroups issue their tensor-core work alternately (named barriers
@@ -408,19 +438,17 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
         const int nplan = plan_round<BN, THREADS>(view, p0, p1, kv_len, jbase, jtop - jbase,
                                                   s_plan, s_count, tid);
         if (n == 0) mbar_wait(bar_q, 0);
-        /* step i (0..nplan): P V of plan tile i - 1 (its P is in pa, its V in this
-         * stage) and S = Q K^T of plan tile i (its K in this stage), then the
-         * softmax of tile i. Both products of a step form one turn. */
-        for (int i = 0; i <= nplan; ++i, ++n) {
-            const bool has_k = i < nplan, has_v = i > 0;
-            const uint32_t e = has_k ? s_plan[nplan - 1 - i] : 0u;
+        /* step i (0..nplan - 1): S = Q K^T of plan tile i (its K in this stage) and P V of
+         * plan tile i - 1 (its P in pa, its V in this stage), issued in that order as one
+         * turn; the softmax of tile i runs once its S is in, while P V is still running.
+         * (The Q K^T issue is unconditional: ptxas serialises the wgmma pipeline when an
+         * accumulator may or may not have been defined by one.) */
+        for (int i = 0; i < nplan; ++i, ++n) {
+            const uint32_t e = s_plan[nplan - 1 - i];
             const int j = (int)(e & ~FULL_BIT);
             const bool full = (e & FULL_BIT) != 0;
             const int st = n & 1, use = n >> 1;
-            const uint32_t sk = skv + st * STAGE;
 
-            /* S: 8 k-steps of 16 over d; k-step kk lies in half kk/4, at byte 32*(kk%4)
-             * of the 128-byte rows */
             mbar_wait(bar_full_k + 8 * st, use & 1);
             mbar_wait(bar_full_v + 8 * st, use & 1);
             turn_wait();
@@ -429,30 +457,19 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
             fence_regs<32>(o[1]);
             fence_regs<BN / 4>(&pa[0][0]);
             wgmma_fence();
-            if (has_v) issue_pv(st);
-            if (has_k) {
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) {
-                    const uint32_t koff = (kk & 3) * 32;
-                    const uint64_t da = make_desc(sq_wg + (kk >> 2) * HALF_Q + koff, 1, 1024 >> 4);
-                    const uint64_t db = make_desc(sk + (kk >> 2) * HALF_T + koff, 1, 1024 >> 4);
-                    WgmmaOps<T>::qk(s, da, db, kk > 0);
-                }
-            }
+            issue_qk(st);
+            wgmma_commit();
+            if (i > 0) issue_pv(st);
             wgmma_commit();
             turn_pass();
-            wgmma_wait<0>();
+            wgmma_wait<1>(); /* S is in */
             fence_regs<64>(s);
-            fence_regs<32>(o[0]);
-            fence_regs<32>(o[1]);
-            fence_regs<BN / 4>(&pa[0][0]);
-            mbar_arrive(bar_empty + 8 * st); /* this stage's K and V are consumed */
-            if (!has_k) break;                /* the round's last step */
-            /* scale, mask and bias (partial tiles only), in base 2 */
-            if (full) {
-#pragma unroll
-                for (int x = 0; x < 64; ++x) s[x] *= a.scale_log2;
-            } else {
+            mbar_arrive(bar_empty_k + 8 * st);
+            /* Full tiles keep raw scores (scaled inside the exponential); partial tiles get
+             * the scale, mask and bias here, in base 2. */
+            float sc = a.scale_log2;
+            if (!full) {
+                sc = 1.f;
                 const int32_t *fseg = s_facts + (n % FACT_SLOTS) * 2 * BN;
                 const float *fbias = reinterpret_cast<const float *>(fseg + BN);
 #pragma unroll
@@ -475,37 +492,62 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
             }
 
             /* online softmax over this thread's two rows (a quad of lanes shares a row) */
-            float alpha[2];
+            float m_new[2];
+            bool move = false;
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                float mx = -INFINITY;
+                /* four independent chains: the maximum is on the critical path */
+                float mx[4];
 #pragma unroll
-                for (int nb = 0; nb < BN / 8; ++nb)
-                    mx = fmaxf(mx, fmaxf(s[nb * 4 + 2 * r], s[nb * 4 + 2 * r + 1]));
-                mx = quad_max(mx);
-                const float m_new = fmaxf(m[r], mx);
-                const float mbase = m_new == -INFINITY ? 0.f : m_new;
-                alpha[r] = fast_exp2(m[r] - mbase);
-                float sum = 0.f;
+                for (int c = 0; c < 4; ++c) mx[c] = fmaxf(s[c * 4 + 2 * r], s[c * 4 + 2 * r + 1]);
+#pragma unroll
+                for (int nb = 4; nb < BN / 8; ++nb)
+                    mx[nb & 3] = fmaxf(mx[nb & 3], fmaxf(s[nb * 4 + 2 * r], s[nb * 4 + 2 * r + 1]));
+                const float mt = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
+                m_new[r] = fmaxf(m[r], quad_max(mt) * sc); /* sc > 0 keeps the order */
+                move |= m_new[r] > m[r];
+            }
+            /* O and l are rescaled only when the maximum of some row of the warp moved (a
+             * warp-uniform branch): after the first tiles it rarely does. (Keeping a stale
+             * maximum for longer, up to a gap, would skip more rescales, but then the
+             * largest exponential of a row is no longer exactly 1 and the error of a
+             * sharply peaked row grows measurably; it saved no time here.) */
+            move = __any_sync(0xffffffffu, move);
+            float alpha[2] = {1.f, 1.f};
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                if (move) { /* alpha: 1 when unchanged, 0 from -inf (and for a row still empty) */
+                    alpha[r] = fast_exp2(m[r] - (m_new[r] == -INFINITY ? 0.f : m_new[r]));
+                    m[r] = m_new[r];
+                }
+                const float mbase = m[r] == -INFINITY ? 0.f : m[r];
+                float sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
                 for (int nb = 0; nb < BN / 8; ++nb) {
                     float &x0 = s[nb * 4 + 2 * r], &x1 = s[nb * 4 + 2 * r + 1];
-                    x0 = fast_exp2(x0 - mbase);
-                    x1 = fast_exp2(x1 - mbase);
-                    sum += x0 + x1;
+                    x0 = fast_exp2(fmaf(x0, sc, -mbase));
+                    x1 = fast_exp2(fmaf(x1, sc, -mbase));
+                    sum[nb & 3] += x0 + x1;
                 }
-                l[r] = l[r] * alpha[r] + sum;
-                m[r] = m_new;
+                l[r] = l[r] * alpha[r] + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
             }
+
+            wgmma_wait<0>(); /* P V of the previous tile is done: O and pa are free */
+            fence_regs<32>(o[0]);
+            fence_regs<32>(o[1]);
+            fence_regs<BN / 4>(&pa[0][0]);
+            mbar_arrive(bar_empty_v + 8 * st);
+            if (move) {
 #pragma unroll
-            for (int hd = 0; hd < 2; ++hd)
+                for (int hd = 0; hd < 2; ++hd)
 #pragma unroll
-                for (int nb = 0; nb < 8; ++nb) {
-                    o[hd][nb * 4 + 0] *= alpha[0];
-                    o[hd][nb * 4 + 1] *= alpha[0];
-                    o[hd][nb * 4 + 2] *= alpha[1];
-                    o[hd][nb * 4 + 3] *= alpha[1];
-                }
+                    for (int nb = 0; nb < 8; ++nb) {
+                        o[hd][nb * 4 + 0] *= alpha[0];
+                        o[hd][nb * 4 + 1] *= alpha[0];
+                        o[hd][nb * 4 + 2] *= alpha[1];
+                        o[hd][nb * 4 + 3] *= alpha[1];
+                    }
+            }
 
             /* P as the A fragments of 8 k-steps of 16 keys; its P V runs in the next step */
 #pragma unroll
@@ -516,7 +558,25 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
                 pa[t][3] = Pack2<T>::pack(s[8 * t + 6], s[8 * t + 7]);
             }
         }
-        ++n; /* the break skipped the increment of the last step */
+        { /* step nplan, the round's last: P V of the last tile (none in an empty round) */
+            const int st = n & 1, use = n >> 1;
+            mbar_wait(bar_full_k + 8 * st, use & 1);
+            mbar_wait(bar_full_v + 8 * st, use & 1);
+            turn_wait();
+            fence_regs<32>(o[0]);
+            fence_regs<32>(o[1]);
+            fence_regs<BN / 4>(&pa[0][0]);
+            wgmma_fence();
+            if (nplan > 0) issue_pv(st);
+            wgmma_commit();
+            turn_pass();
+            wgmma_wait<0>();
+            fence_regs<32>(o[0]);
+            fence_regs<32>(o[1]);
+            mbar_arrive(bar_empty_k + 8 * st);
+            mbar_arrive(bar_empty_v + 8 * st);
+            ++n;
+        }
         __syncthreads(); /* the plan buffer is rewritten by the next round */
     }
     if (wg == 0) turn_wait(); /* the turn warpgroup 1 handed over after the last */

@@ -27,18 +27,20 @@ struct BlockRows {
     int jlast;  /* the diagonal key tile of BN keys: never empty (query p1 sees key p1) */
 };
 
-/* Fills r; false when the tile lies past the sequence's q_len (the block has nothing to do).
- * The four lengths and starts are loaded together, before anything depends on them. */
+/* Fills r for query head h, sequence b and the tile of BM rows that is `from_end` tiles
+ * before the last of `tiles`; false when the tile lies past the sequence's q_len (nothing to
+ * do). The four lengths and starts are loaded together, before anything depends on them. */
 template <int BM, int BN>
-__device__ __forceinline__ bool block_rows(const AttnArgs &a, BlockRows &r)
+__device__ __forceinline__ bool rows_at(const AttnArgs &a, int h, int b, int from_end, int tiles,
+                                        BlockRows &r)
 {
-    r.h = blockIdx.x;
-    r.b = blockIdx.z;
+    r.h = h;
+    r.b = b;
     r.q_len = load_now(a.q_len + r.b);
     r.kv_len = load_now(a.kv_len + r.b);
     r.q_start = load_now(a.q_start + r.b);
     r.k_start = load_now(a.k_start + r.b);
-    r.i0 = (gridDim.y - 1 - blockIdx.y) * BM;
+    r.i0 = (tiles - 1 - from_end) * BM;
     if (r.i0 >= r.q_len) return false;
     r.hk = r.h / a.group;
     const int off = r.kv_len - r.q_len; /* position of query row 0 */
@@ -48,11 +50,27 @@ __device__ __forceinline__ bool block_rows(const AttnArgs &a, BlockRows &r)
     return true;
 }
 
+/* The rows of this block of a one-block-per-tile grid (x: head, y: tile from the end, z:
+ * sequence). */
+template <int BM, int BN>
+__device__ __forceinline__ bool block_rows(const AttnArgs &a, BlockRows &r)
+{
+    return rows_at<BM, BN>(a, blockIdx.x, blockIdx.z, blockIdx.y, gridDim.y, r);
+}
+
 /* A plan entry is a key tile index, with this bit set when the tile needs no mask. */
 constexpr uint32_t FULL_BIT = 0x80000000u;
 
+/* Barrier over the THREADS threads that plan: the whole block (BAR = 0), or, for a
+ * warp-specialised block where one warpgroup plans alone, named barrier BAR. */
+template <int THREADS, int BAR> __device__ __forceinline__ void plan_sync()
+{
+    if (BAR == 0) __syncthreads();
+    else asm volatile("bar.sync %0, %1;\n" ::"n"(BAR), "n"(THREADS) : "memory");
+}
+
 /*
- * One planning round, called by all THREADS threads of the block (it holds block barriers):
+ * One planning round, called by all THREADS threads that plan (it holds their barriers):
  * classifies key tiles jbase .. jbase+ncand-1 of BN keys against query positions [p0, p1]
  * of a sequence with kv_len keys, and writes the non-empty ones, in ascending order, to
  * s_plan (FULL_BIT on the tiles that need no mask). Returns their count, the same in every
@@ -61,7 +79,7 @@ constexpr uint32_t FULL_BIT = 0x80000000u;
  * s_count: THREADS / 32 ints of shared memory. Thread t takes candidates t, t + THREADS,
  * ...; each warp's keepers are compacted with a ballot, the warps' counts meet in s_count.
  */
-template <int BN, int THREADS>
+template <int BN, int THREADS, int BAR = 0>
 __device__ __forceinline__ int plan_round(const SegView &view, int p0, int p1, int kv_len,
                                           int jbase, int ncand, uint32_t *s_plan,
                                           int32_t *s_count, int tid)
@@ -80,7 +98,7 @@ __device__ __forceinline__ int plan_round(const SegView &view, int p0, int p1, i
         const bool keep = cls != SF_BLOCK_EMPTY;
         const unsigned ballot = __ballot_sync(0xffffffffu, keep);
         if (lane == 0) s_count[warp] = __popc(ballot);
-        __syncthreads();
+        plan_sync<THREADS, BAR>();
         int before = nplan, total = nplan;
 #pragma unroll
         for (int w = 0; w < THREADS / 32; ++w) {
@@ -91,7 +109,7 @@ __device__ __forceinline__ int plan_round(const SegView &view, int p0, int p1, i
             s_plan[before + __popc(ballot & ((1u << lane) - 1u))] =
                 (uint32_t)j | (cls == SF_BLOCK_FULL ? FULL_BIT : 0u);
         nplan = total;
-        __syncthreads(); /* s_count is rewritten by the next batch of candidates */
+        plan_sync<THREADS, BAR>(); /* s_count is rewritten by the next batch of candidates */
     }
     return nplan;
 }

@@ -420,11 +420,13 @@ extern "C" sf_status sf_cuda_attention(const sf_layouts *layouts, const sf_seqs 
 
     cudaStream_t st = (cudaStream_t)stream;
     const bool bf = params->dtype == SF_BFLOAT16;
+    bool sm90;
     if (use_small(params->heads_q, seqs->batch, seqs->max_q_len))
         return launch_prefill_small(a, bf, params->head_dim, params->heads_q, seqs->batch,
                                     seqs->max_q_len, st);
     if (use_sm90(params->head_dim, params->heads_q, seqs->batch, seqs->max_q_len))
-        return launch_prefill_sm90(a, bf, params->heads_q, seqs->batch, seqs->max_q_len, st);
+        return launch_prefill_sm90(a, bf, params->heads_q, seqs->batch, seqs->max_q_len,
+                                   device_sms(&sm90), st);
     if (params->head_dim == 64)
         return bf ? launch<__nv_bfloat16, 64>(a, params->heads_q, seqs->batch, seqs->max_q_len, st)
                   : launch<__half, 64>(a, params->heads_q, seqs->batch, seqs->max_q_len, st);

@@ -4,8 +4,9 @@
  *
  *   prefill.cu        mma.sync, any sm_80+: 64 query rows per block of 4 warps, each warp
  *                     16 rows and every key of the block's tiles. The general kernel.
- *   prefill_sm90.cu   wgmma, sm_90a, head dim 128: 128 rows per block, a producer
- *                     warpgroup and two consumer warpgroups. Long sequences.
+ *   prefill_sm90.cu   wgmma, sm_90a, head dim 128: a persistent grid taking items of
+ *                     128 rows, a producer warpgroup and two consumer warpgroups per
+ *                     block. Long sequences.
  *   prefill_small.cu  mma.sync: 16 query rows per block of 4 warps, every 64-key tile
  *                     dealt to the warps in 16-key chunks, the warps' softmax states
  *                     merged at the end. Problems too small to fill the GPU.
@@ -32,9 +33,10 @@ typedef AttnArgs PrefillArgs;
 /* Query rows per block of the Hopper kernel (it sizes the grid's y extent). */
 constexpr int SM90_BM = 128;
 
-/* The Hopper (sm_90a) kernel, head dim 128 only; bf16 when `bf16`, else fp16. */
+/* The Hopper (sm_90a) kernel, head dim 128 only; bf16 when `bf16`, else fp16. Its grid is
+ * persistent: one block per SM (sms), each taking work until none is left. */
 sf_status launch_prefill_sm90(const PrefillArgs &a, bool bf16, int heads_q, int batch,
-                              int max_q_len, cudaStream_t stream);
+                              int max_q_len, int sms, cudaStream_t stream);
 
 /* Query rows per block of the short-problem kernel (it sizes the grid's y extent). */
 constexpr int SMALL_BM = 16;

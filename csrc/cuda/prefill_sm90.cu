@@ -2,18 +2,23 @@
  * prefill_sm90.cu - segment-masked attention over whole sequences on Hopper (sm_90a),
  * head dim 128: warpgroup MMA (wgmma) fed from 128-byte-swizzled shared memory.
  *
- * One block takes 128 query rows of one head of one sequence and has 12 warps:
+ * The grid is persistent (one block per SM). A block takes work items - 128 query rows
+ * of one head of one sequence - one after another from a counter, and has 12 warps:
  *
- *   warps 0-3   consumer warpgroup 0: query rows 0..63 of the tile
+ *   warps 0-3   consumer warpgroup 0: query rows 0..63 of the item
  *   warps 4-7   consumer warpgroup 1: query rows 64..127
- *   warps 8-11  producer warpgroup: copies Q once, then K and V tiles of 128 keys
- *               into a two-stage ring with cp.async, writes the per-key segment
- *               facts of partial tiles, and signals each stage through mbarriers
+ *   warps 8-11  producer warpgroup: takes the items, plans each one's key tiles,
+ *               publishes its header (rows, segment facts of its queries), copies its
+ *               Q into one of two buffers, then K and V tiles of 128 keys into a
+ *               two-stage ring with cp.async, writes the per-key segment facts of
+ *               partial tiles, and signals everything through mbarriers
  *
- * The producer hands registers to the consumers (setmaxnreg: 56 / 224 per thread).
- * The tile plan is the one of prefill.cu (plan.cuh): before touching K/V the whole block
- * classifies every key tile at or before its last query from the segment table
- * (classify_rect); empty tiles never enter the plan, full tiles run without mask
+ * The producer runs up to one item ahead: while the consumers finish an item, the next
+ * one's plan, Q and first tiles are already on their way. It hands registers to the
+ * consumers (setmaxnreg: 56 / 224 per thread). The tile plan is the one of prefill.cu
+ * (plan.cuh): before touching K/V the producer classifies every key tile at or before the
+ * item's last query from the segment table (classify_rect); empty tiles never enter the
+ * plan, full tiles run without mask
  * arithmetic, partial tiles evaluate the mask and bias in registers. Tiles are
  * processed from the diagonal down. S = Q K^T is wgmma with both operands in shared
  * memory; O += P V is wgmma with P in registers (the S accumulator converted in
@@ -87,24 +92,21 @@ constexpr int SEG_CAP = 1024;        /* segment tables up to this size are stage
 /* shared memory (offsets from a 1024-aligned base) */
 constexpr int HALF_Q = BM * 128;                /* one 64-column half of Q */
 constexpr int HALF_T = BN * 128;                /* one 64-column half of a K or V tile */
+constexpr int QBUF = 2 * HALF_Q;                /* Q of one item (two buffers) */
 constexpr int OFF_Q = 0;
-constexpr int OFF_KV = OFF_Q + 2 * HALF_Q;      /* stage s: K at +s*STAGE, V at +HALF_T*2 */
+constexpr int OFF_KV = OFF_Q + 2 * QBUF;        /* stage s: K at +s*STAGE, V at +HALF_T*2 */
 constexpr int STAGE = 4 * HALF_T;
 constexpr int OFF_PLAN = OFF_KV + 2 * STAGE;
 constexpr int OFF_END = OFF_PLAN + PLAN_CAP * 4;
 constexpr int OFF_BIAS = OFF_END + SEG_CAP * 4;
 constexpr int OFF_KIND = OFF_BIAS + SEG_CAP * 4;
 /* Per-key mask facts of the K tile of step n live in slot n % 3: consumers read them
- * after freeing the step's stage, while the producer may already fill step n + 2. */
+ * after freeing the step's K, while the producer may already fill step n + 2. */
 constexpr int FACT_SLOTS = 3;
 constexpr int OFF_FACTS = OFF_KIND + SEG_CAP;   /* [slot][seg BN | bias BN] */
-constexpr int OFF_BAR = OFF_FACTS + FACT_SLOTS * 2 * BN * 4;
-constexpr int OFF_COUNT = OFF_BAR + 10 * 8;     /* full_k[2] full_v[2] empty_k[2] empty_v[2] q_full */
-constexpr int SMEM_USED = OFF_COUNT + 16 * 4;
-constexpr int SMEM_BYTES = SMEM_USED + 1024;    /* slack to align the base to 1024 */
-static_assert(OFF_KV % 1024 == 0 && STAGE % 1024 == 0 && HALF_T % 1024 == 0,
+/* (item headers, step entries, barriers and counters follow; see below) */
+static_assert(OFF_KV % 1024 == 0 && STAGE % 1024 == 0 && HALF_T % 1024 == 0 && QBUF % 1024 == 0,
               "swizzle atoms must start 1024-byte aligned");
-static_assert(OFF_BAR % 8 == 0, "mbarriers are 8-byte objects");
 
 /* ------------------------------------------------------------ PTX wrappers */
 
@@ -254,148 +256,226 @@ __device__ __forceinline__ void load_rows_sw128(uint32_t s_tile, const uint16_t 
     }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillArgs a)
+/* ------------------------------------------------------------ the work items */
+
+/*
+ * The grid is persistent: one block per SM, each taking work items - a tile of BM query
+ * rows of one head of one sequence - from a counter until none is left, in the order of a
+ * one-block-per-tile grid (x: head, y: tile from the end, z: sequence), so the tiles with
+ * the most keys go first. While the consumers finish one item (its last products and
+ * the output), the producer already plans the next, loads its Q into the other Q buffer
+ * and streams its first tiles: the start and the end of an item no longer leave the
+ * tensor cores idle.
+ *
+ * Each launch takes a pair of counters (items handed out, blocks done) from a pool; the
+ * last block to finish sets its pair back to zero, so every launch, and every replay of a
+ * captured graph, finds it at zero. Launches in flight at the same time take different
+ * pairs.
+ */
+constexpr int SCHED_POOL = 1024;
+__device__ int g_sched[2 * SCHED_POOL];
+
+/* What the producer tells the consumers about an item (double-buffered by item parity). */
+struct ItemHeader {
+    int item; /* -1: no more work */
+    int b, h, i0, q_len, q_start, p0;
+    int32_t rows[BM]; /* per query row: its segment, | ROW_GLOBAL when that is global */
+};
+constexpr int32_t ROW_GLOBAL = 1 << 30;
+
+/* A step's plan entry (FULL_BIT and the tile, plan.cuh), or the closing step of a planning
+ * round (no K; P V of the round's last tile), which may close the item too. */
+constexpr uint32_t CLOSE_BIT = 0x40000000u;
+constexpr uint32_t LAST_BIT = 0x20000000u;
+
+constexpr int OFF_HDR = OFF_FACTS + FACT_SLOTS * 2 * BN * 4;
+constexpr int OFF_ENTRY = OFF_HDR + 2 * (int)sizeof(ItemHeader);
+constexpr int OFF_BAR = OFF_ENTRY + 2 * 4;
+/* barrier kinds, two of each (by stage, Q buffer or header slot) */
+enum { FULL_K, FULL_V, EMPTY_K, EMPTY_V, Q_FULL, Q_EMPTY, HDR_FULL, HDR_EMPTY, NBARS };
+constexpr int OFF_COUNT = OFF_BAR + 2 * NBARS * 8; /* plan counts (4), taken items (2) */
+constexpr int SMEM_USED = OFF_COUNT + 8 * 4;
+constexpr int SMEM_BYTES = SMEM_USED + 1024;     /* slack to align the base to 1024 */
+static_assert(OFF_BAR % 8 == 0, "mbarriers are 8-byte objects");
+static_assert(SMEM_BYTES <= 227 * 1024, "fits the shared memory of an SM");
+
+constexpr int PRODUCER_BAR = 3; /* named barrier of the producer warpgroup (1, 2: turns) */
+
+/* The block's shared memory, from its 1024-aligned base. */
+struct Smem {
+    uint32_t base; /* shared-space address */
+    uint8_t *p;    /* the same, generic */
+    __device__ __forceinline__ uint32_t q(int qs) const { return base + OFF_Q + qs * QBUF; }
+    __device__ __forceinline__ uint32_t kv(int st) const { return base + OFF_KV + st * STAGE; }
+    __device__ __forceinline__ uint32_t bar(int kind, int i) const
+    {
+        return base + OFF_BAR + (2 * kind + i) * 8;
+    }
+    __device__ __forceinline__ ItemHeader &hdr(int hs) const
+    {
+        return reinterpret_cast<ItemHeader *>(p + OFF_HDR)[hs];
+    }
+    __device__ __forceinline__ uint32_t *entry() const { return reinterpret_cast<uint32_t *>(p + OFF_ENTRY); }
+    __device__ __forceinline__ int32_t *facts(int n) const
+    {
+        return reinterpret_cast<int32_t *>(p + OFF_FACTS) + (n % FACT_SLOTS) * 2 * BN;
+    }
+    __device__ __forceinline__ int32_t *count() const { return reinterpret_cast<int32_t *>(p + OFF_COUNT); }
+};
+
+__device__ __forceinline__ void producer_sync()
 {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    extern __shared__ __align__(1024) uint8_t smem_raw[];
-    BlockRows br;
-    if (!block_rows<BM, BN>(a, br)) return;
-    const int h = br.h, b = br.b, hk = br.hk, i0 = br.i0, p0 = br.p0, p1 = br.p1;
-    const int q_len = br.q_len, kv_len = br.kv_len, q_start = br.q_start, k_start = br.k_start;
-    const int jlast = br.jlast;
+    asm volatile("bar.sync %0, %1;\n" ::"n"(PRODUCER_BAR), "n"(PRODUCERS) : "memory");
+}
 
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const bool producer = warp >= CONSUMERS / 32; /* warpgroup 2 */
-    const int pt = tid - CONSUMERS;               /* producer thread 0..127 */
+/* ------------------------------------------------------------ the producer */
 
-    /* shared memory, from a 1024-aligned base */
-    const uint32_t raw = smem_addr(smem_raw);
-    const uint32_t base = (raw + 1023u) & ~1023u;
-    uint8_t *sm = smem_raw + (base - raw);
-    const uint32_t sq = base + OFF_Q, skv = base + OFF_KV;
-    uint32_t *s_plan = reinterpret_cast<uint32_t *>(sm + OFF_PLAN);
-    int32_t *s_end = reinterpret_cast<int32_t *>(sm + OFF_END);
-    float *s_bias = reinterpret_cast<float *>(sm + OFF_BIAS);
-    uint8_t *s_kind = sm + OFF_KIND;
-    int32_t *s_facts = reinterpret_cast<int32_t *>(sm + OFF_FACTS);
-    int32_t *s_count = reinterpret_cast<int32_t *>(sm + OFF_COUNT);
-    /* per stage (+8*stage): K / V of the stage landed, K / V of the stage consumed */
-    const uint32_t bar_full_k = base + OFF_BAR;
-    const uint32_t bar_full_v = base + OFF_BAR + 16;
-    const uint32_t bar_empty_k = base + OFF_BAR + 32;
-    const uint32_t bar_empty_v = base + OFF_BAR + 48;
-    const uint32_t bar_q = base + OFF_BAR + 64;
+/*
+ * Warpgroup 2 (thread pt = 0..127): takes items, publishes each one's header, copies its Q
+ * and streams its K and V tiles through the two stages. Step n of the block (all items)
+ * uses stage n & 1: K of one plan tile and V of the one before (the plan runs from the
+ * diagonal down), or, closing a planning round, only V of its last tile.
+ */
+__device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, int n_items,
+                                        int tiles, int heads, int *sched, int pt)
+{
+    uint32_t *s_plan = reinterpret_cast<uint32_t *>(sm.p + OFF_PLAN);
+    int32_t *s_end = reinterpret_cast<int32_t *>(sm.p + OFF_END);
+    float *s_bias = reinterpret_cast<float *>(sm.p + OFF_BIAS);
+    uint8_t *s_kind = sm.p + OFF_KIND;
+    int32_t *s_taken = sm.count() + 4;
+    uint32_t *s_entry = sm.entry();
 
-    if (tid == 0) {
-        for (int st = 0; st < 2; ++st) {
-            mbar_init(bar_full_k + 8 * st, PRODUCERS); /* every producer thread */
-            mbar_init(bar_full_v + 8 * st, PRODUCERS);
-            mbar_init(bar_empty_k + 8 * st, CONSUMERS); /* every consumer thread */
-            mbar_init(bar_empty_v + 8 * st, CONSUMERS);
+    int n = 0;         /* steps issued */
+    int k = 0;         /* items handed to the consumers: header slot and Q buffer k & 1 */
+    int staged = -1;   /* the sequence whose segment table is staged */
+    SegView view{};
+    for (int taken = 0;; ++taken) {
+        if (pt == 0) s_taken[taken & 1] = atomicAdd(sched, 1);
+        producer_sync();
+        const int item = s_taken[taken & 1]; /* rewritten two items on, after another barrier */
+        const int hs = k & 1, hu = k >> 1;
+        ItemHeader &hd = sm.hdr(hs);
+        if (item >= n_items) { /* no more work: tell the consumers, then retire */
+            if (hu > 0) mbar_wait(sm.bar(HDR_EMPTY, hs), (hu - 1) & 1);
+            if (pt == 0) hd.item = -1;
+            mbar_arrive(sm.bar(HDR_FULL, hs));
+            break;
         }
-        mbar_init(bar_q, PRODUCERS);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+        const int h = item % heads, t = (item / heads) % tiles, b = item / (heads * tiles);
+        BlockRows br;
+        if (!rows_at<BM, BN>(a, h, b, t, tiles, br)) continue; /* past a short sequence's end */
+        ++k;
+        if (hu > 0) mbar_wait(sm.bar(HDR_EMPTY, hs), (hu - 1) & 1);
+        if (b != staged) { /* a new sequence: its table into shared memory */
+            if (staged >= 0) producer_sync(); /* everyone is done with the old one */
+            view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
+            stage_table<PRODUCERS>(view, SEG_CAP, s_end, s_kind, s_bias, pt);
+            producer_sync();
+            staged = b;
+        }
+        if (pt == 0) {
+            hd.item = item;
+            hd.b = b;
+            hd.h = h;
+            hd.i0 = br.i0;
+            hd.q_len = br.q_len;
+            hd.q_start = br.q_start;
+            hd.p0 = br.p0;
+        }
+        const int sg = view.seg(br.p0 + pt);
+        hd.rows[pt] = sg | (view.kind_of(sg) == SF_GLOBAL ? ROW_GLOBAL : 0);
+        mbar_arrive(sm.bar(HDR_FULL, hs));
 
-    const uint16_t *kbase = a.k + b * a.k_sb + hk * a.k_sh + (int64_t)k_start * a.k_st;
-    const uint16_t *vbase = a.v + b * a.v_sb + hk * a.v_sh + (int64_t)k_start * a.v_st;
-    /* producer: the copies of one step into stage st, two cp.async groups (K, then V;
-     * a group stays empty when its tile index is negative). Before its first use a stage
-     * is free; after it, each half waits until the consumers are done with it. */
-    auto issue_step = [&](int jk, int jv, int st, int use) {
-        const uint32_t sk = skv + st * STAGE, sv = sk + 2 * HALF_T;
-        if (use > 0) mbar_wait(bar_empty_k + 8 * st, (use - 1) & 1);
-        if (jk >= 0)
-            load_rows_sw128<BN>(sk, kbase + (int64_t)jk * BN * a.k_st, a.k_st, kv_len - jk * BN, pt);
+        const int kv_len = br.kv_len;
+        const uint16_t *kbase = a.k + br.b * a.k_sb + br.hk * a.k_sh + (int64_t)br.k_start * a.k_st;
+        const uint16_t *vbase = a.v + br.b * a.v_sb + br.hk * a.v_sh + (int64_t)br.k_start * a.v_st;
+        /* the copies of one step, two cp.async groups (K, then V; a group stays empty
+         * when its tile index is negative); each half of the stage first waits until the
+         * consumers are done with it (from its second use on) */
+        auto issue_step = [&](int jk, int jv, int st, int use) {
+            const uint32_t sk = sm.kv(st), sv = sk + 2 * HALF_T;
+            if (use > 0) mbar_wait(sm.bar(EMPTY_K, st), (use - 1) & 1);
+            if (jk >= 0)
+                load_rows_sw128<BN>(sk, kbase + (int64_t)jk * BN * a.k_st, a.k_st, kv_len - jk * BN, pt);
+            cp_async_commit();
+            if (use > 0) mbar_wait(sm.bar(EMPTY_V, st), (use - 1) & 1);
+            if (jv >= 0)
+                load_rows_sw128<BN>(sv, vbase + (int64_t)jv * BN * a.v_st, a.v_st, kv_len - jv * BN, pt);
+            cp_async_commit();
+        };
+
+        /* Q, and the diagonal tile's K, before the plan is known */
+        const int qs = hs, qu = hu;
+        if (qu > 0) mbar_wait(sm.bar(Q_EMPTY, qs), (qu - 1) & 1);
+        const uint16_t *qbase = a.q + br.b * a.q_sb + br.h * a.q_sh + (int64_t)(br.q_start + br.i0) * a.q_st;
+        load_rows_sw128<BM>(sm.q(qs), qbase, a.q_st, br.q_len - br.i0, pt); /* past q_len: zeros */
         cp_async_commit();
-        if (use > 0) mbar_wait(bar_empty_v + 8 * st, (use - 1) & 1);
-        if (jv >= 0)
-            load_rows_sw128<BN>(sv, vbase + (int64_t)jv * BN * a.v_st, a.v_st, kv_len - jv * BN, pt);
-        cp_async_commit();
-    };
+        issue_step(br.jlast, -1, n & 1, n >> 1);
 
-    /* Q and the diagonal tile start flowing before anything else is known. */
-    if (producer) {
-        const uint16_t *qbase = a.q + b * a.q_sb + h * a.q_sh + (int64_t)(q_start + i0) * a.q_st;
-        load_rows_sw128<BM>(sq, qbase, a.q_st, q_len - i0, pt); /* rows past q_len: zeros */
-        cp_async_commit();
-        issue_step(jlast, -1, 0, 0); /* step 0: the diagonal tile's K, no V yet */
-    }
-
-    /* The sequence's segment table, staged in shared memory when small. */
-    SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
-    stage_table<THREADS>(view, SEG_CAP, s_end, s_kind, s_bias, tid);
-    __syncthreads(); /* barriers initialised, table staged */
-
-    int n = 0; /* steps done so far, all rounds: stage n&1, its use number n>>1 */
-
-    if (producer) {
-        /* The producer needs few registers; hand them to the consumers. */
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
-        for (int jtop = jlast + 1; jtop > 0; jtop -= PLAN_CAP) {
+        bool first = true;
+        for (int jtop = br.jlast + 1; jtop > 0; jtop -= PLAN_CAP) {
             const int jbase = max(0, jtop - PLAN_CAP);
-            const int nplan = plan_round<BN, THREADS>(view, p0, p1, kv_len, jbase, jtop - jbase,
-                                                      s_plan, s_count, tid);
-            /* step i (0..nplan) of a round: K of plan tile i and V of plan tile i - 1
-             * (the plan runs from its last entry down) */
+            const int nplan = plan_round<BN, PRODUCERS, PRODUCER_BAR>(
+                view, br.p0, br.p1, kv_len, jbase, jtop - jbase, s_plan, sm.count(), pt);
+            const uint32_t close = CLOSE_BIT | (jbase == 0 ? LAST_BIT : 0u);
             for (int i = 0; i <= nplan; ++i, ++n) {
                 const int st = n & 1, use = n >> 1;
-                const uint32_t ek = i < nplan ? s_plan[nplan - 1 - i] : 0u;
+                const uint32_t ek = i < nplan ? s_plan[nplan - 1 - i] : close;
                 const int jk = i < nplan ? (int)(ek & ~FULL_BIT) : -1;
                 const int jv = i > 0 ? (int)(s_plan[nplan - i] & ~FULL_BIT) : -1;
-                if (n > 0) /* step 0 of the first round was issued before planning */
-                    issue_step(jk, jv, st, use);
+                if (!first) issue_step(jk, jv, st, use); /* the first was issued above */
                 if (jk >= 0 && !(ek & FULL_BIT)) { /* per-key facts for the mask */
-                    int32_t *fseg = s_facts + (n % FACT_SLOTS) * 2 * BN;
-                    float *fbias = reinterpret_cast<float *>(fseg + BN);
-                    key_facts(view, jk * BN + pt, &fseg[pt], &fbias[pt]);
+                    int32_t *fseg = sm.facts(n);
+                    key_facts(view, jk * BN + pt, &fseg[pt], reinterpret_cast<float *>(fseg + BN) + pt);
                 }
+                if (pt == 0) s_entry[st] = ek;
                 /* K landed (V may still fly): make it visible to the tensor cores, signal */
                 cp_async_wait<1>();
                 fence_proxy_async();
-                if (n == 0) mbar_arrive(bar_q); /* Q was the group before K */
-                mbar_arrive(bar_full_k + 8 * st);
+                if (first) mbar_arrive(sm.bar(Q_FULL, qs)); /* Q was the group before K */
+                first = false;
+                mbar_arrive(sm.bar(FULL_K, st));
                 cp_async_wait<0>();
                 fence_proxy_async();
-                mbar_arrive(bar_full_v + 8 * st);
+                mbar_arrive(sm.bar(FULL_V, st));
             }
-            __syncthreads(); /* the plan buffer is rewritten by the next round */
         }
-        return;
     }
+    /* Every block takes items until one past the end; the last to do so resets the pair. */
+    if (pt == 0 && atomicAdd(sched + 1, 1) == (int)gridDim.x - 1) {
+        sched[0] = 0;
+        sched[1] = 0;
+    }
+}
 
-    /* ------------------------------------------------------------ consumers */
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+/* ------------------------------------------------------------ the consumers */
+
+template <typename T>
+__device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, int tid)
+{
+    const int warp = tid >> 5, lane = tid & 31;
     /* warpgroup (through a shuffle, so that the compiler knows it is warp-uniform and
      * keeps the descriptors built from it in uniform registers), warp in it */
     const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wq = warp & 3;
     const int g = lane >> 2, c4 = lane & 3;
-    int qpos[2], qseg[2]; /* this thread's two rows: g and g + 8 of its warp's 16 */
-    bool qglob[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        qpos[r] = p0 + wg * 64 + wq * 16 + g + r * 8;
-        qseg[r] = view.seg(qpos[r]);
-        qglob[r] = view.kind_of(qseg[r]) == SF_GLOBAL;
-    }
+    const int row_of[2] = {wg * 64 + wq * 16 + g, wg * 64 + wq * 16 + g + 8}; /* in the tile */
+    const uint32_t *s_entry = sm.entry();
 
     float o[2][32]; /* O columns 64*hd .. 64*hd+63 */
     float s[64];
-#pragma unroll
-    for (int i = 0; i < 32; ++i) o[0][i] = o[1][i] = 0.f;
 #pragma unroll
     for (int i = 0; i < 64; ++i) s[i] = 0.f;
     uint32_t pa[BN / 16][4]; /* P of the tile whose P V is still to be issued */
 #pragma unroll
     for (int t = 0; t < BN / 16; ++t) pa[t][0] = pa[t][1] = pa[t][2] = pa[t][3] = 0u;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-    /* operand descriptors (low words): this warpgroup's Q rows, and K / V of stage 0
-     * (stage st is st * STAGE bytes further). K-major operands: LBO unused (1), SBO 1024. */
+
+    /* operand descriptors (low words) of K / V of stage 0 (stage st is st * STAGE bytes
+     * further). K-major operands: LBO unused (1), SBO 1024. */
     constexpr uint32_t HI_KMAJOR = desc_hi(1024 >> 4), HI_V = desc_hi(1024 >> 4);
-    const uint32_t lo_q = desc_lo(sq + wg * 64 * 128, 1);
-    const uint32_t lo_k0 = desc_lo(skv, 1);
-    const uint32_t lo_v0 = desc_lo(skv + 2 * HALF_T, 1024 >> 4);
+    const uint32_t lo_k0 = desc_lo(sm.kv(0), 1);
+    const uint32_t lo_v0 = desc_lo(sm.kv(0) + 2 * HALF_T, 1024 >> 4);
+    uint32_t lo_q = 0; /* this warpgroup's rows of the item's Q buffer */
 
     /* S = Q K^T of the K in stage st: 8 k-steps of 16 over d; k-step kk lies in half
      * kk/4, at byte 32*(kk%4) of the 128-byte rows */
@@ -433,24 +513,66 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
     };
     if (wg == 1) asm volatile("bar.arrive 1, 256;\n" ::: "memory");
 
-    for (int jtop = jlast + 1; jtop > 0; jtop -= PLAN_CAP) {
-        const int jbase = max(0, jtop - PLAN_CAP);
-        const int nplan = plan_round<BN, THREADS>(view, p0, p1, kv_len, jbase, jtop - jbase,
-                                                  s_plan, s_count, tid);
-        if (n == 0) mbar_wait(bar_q, 0);
-        /* step i (0..nplan - 1): S = Q K^T of plan tile i (its K in this stage) and P V of
-         * plan tile i - 1 (its P in pa, its V in this stage), issued in that order as one
-         * turn; the softmax of tile i runs once its S is in, while P V is still running.
-         * (The Q K^T issue is unconditional: ptxas serialises the wgmma pipeline when an
-         * accumulator may or may not have been defined by one.) */
-        for (int i = 0; i < nplan; ++i, ++n) {
-            const uint32_t e = s_plan[nplan - 1 - i];
+    int n = 0; /* steps consumed (the producer's numbering) */
+    for (int k = 0;; ++k) { /* items: header slot and Q buffer k & 1 */
+        /* the item: its header, copied to registers and released at once */
+        const int hs = k & 1;
+        mbar_wait(sm.bar(HDR_FULL, hs), (k >> 1) & 1);
+        const ItemHeader &hd = sm.hdr(hs);
+        /* control values read from shared memory go through a shuffle: the compiler then
+         * knows them warp-uniform (a wgmma on a path it takes for divergent serialises the
+         * whole wgmma pipeline) */
+        if (__shfl_sync(0xffffffffu, hd.item, 0) < 0) break;
+        const int b = hd.b, h = hd.h, i0 = hd.i0, q_len = hd.q_len, q_start = hd.q_start;
+        int qpos[2], qseg[2]; /* this thread's two rows: g and g + 8 of its warp's 16 */
+        bool qglob[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int32_t rf = hd.rows[row_of[r]];
+            qpos[r] = hd.p0 + row_of[r];
+            qseg[r] = rf & ~ROW_GLOBAL;
+            qglob[r] = (rf & ROW_GLOBAL) != 0;
+        }
+        mbar_arrive(sm.bar(HDR_EMPTY, hs));
+
+        const int qs = hs;
+        mbar_wait(sm.bar(Q_FULL, qs), (k >> 1) & 1);
+        lo_q = desc_lo(sm.q(qs) + wg * 64 * 128, 1);
+#pragma unroll
+        for (int i = 0; i < 32; ++i) o[0][i] = o[1][i] = 0.f;
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+        bool pending = false; /* pa holds a P whose P V is still to be issued */
+
+        for (;;) {
+            const int st = n & 1, use = n >> 1;
+            mbar_wait(sm.bar(FULL_K, st), use & 1);
+            mbar_wait(sm.bar(FULL_V, st), use & 1);
+            const uint32_t e = __shfl_sync(0xffffffffu, s_entry[st], 0);
+            if (e & CLOSE_BIT) { /* closing step: P V of the round's last tile */
+                turn_wait();
+                fence_regs<32>(o[0]);
+                fence_regs<32>(o[1]);
+                fence_regs<BN / 4>(&pa[0][0]);
+                wgmma_fence();
+                if (pending) issue_pv(st);
+                wgmma_commit();
+                turn_pass();
+                wgmma_wait<0>();
+                fence_regs<32>(o[0]);
+                fence_regs<32>(o[1]);
+                mbar_arrive(sm.bar(EMPTY_K, st));
+                mbar_arrive(sm.bar(EMPTY_V, st));
+                ++n;
+                pending = false;
+                if (e & LAST_BIT) break;
+                continue;
+            }
+            /* S = Q K^T of this step's tile and P V of the previous one, issued in that
+             * order as one turn; the softmax runs once S is in, while P V still runs.
+             * (The Q K^T issue is unconditional: ptxas serialises the wgmma pipeline when
+             * an accumulator may or may not have been defined by one.) */
             const int j = (int)(e & ~FULL_BIT);
             const bool full = (e & FULL_BIT) != 0;
-            const int st = n & 1, use = n >> 1;
-
-            mbar_wait(bar_full_k + 8 * st, use & 1);
-            mbar_wait(bar_full_v + 8 * st, use & 1);
             turn_wait();
             fence_regs<64>(s);
             fence_regs<32>(o[0]);
@@ -459,18 +581,18 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
             wgmma_fence();
             issue_qk(st);
             wgmma_commit();
-            if (i > 0) issue_pv(st);
+            if (pending) issue_pv(st);
             wgmma_commit();
             turn_pass();
             wgmma_wait<1>(); /* S is in */
             fence_regs<64>(s);
-            mbar_arrive(bar_empty_k + 8 * st);
+            mbar_arrive(sm.bar(EMPTY_K, st));
             /* Full tiles keep raw scores (scaled inside the exponential); partial tiles get
              * the scale, mask and bias here, in base 2. */
             float sc = a.scale_log2;
             if (!full) {
                 sc = 1.f;
-                const int32_t *fseg = s_facts + (n % FACT_SLOTS) * 2 * BN;
+                const int32_t *fseg = sm.facts(n);
                 const float *fbias = reinterpret_cast<const float *>(fseg + BN);
 #pragma unroll
                 for (int nb = 0; nb < BN / 8; ++nb) {
@@ -536,16 +658,16 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
             fence_regs<32>(o[0]);
             fence_regs<32>(o[1]);
             fence_regs<BN / 4>(&pa[0][0]);
-            mbar_arrive(bar_empty_v + 8 * st);
+            mbar_arrive(sm.bar(EMPTY_V, st));
             if (move) {
 #pragma unroll
-                for (int hd = 0; hd < 2; ++hd)
+                for (int hd2 = 0; hd2 < 2; ++hd2)
 #pragma unroll
                     for (int nb = 0; nb < 8; ++nb) {
-                        o[hd][nb * 4 + 0] *= alpha[0];
-                        o[hd][nb * 4 + 1] *= alpha[0];
-                        o[hd][nb * 4 + 2] *= alpha[1];
-                        o[hd][nb * 4 + 3] *= alpha[1];
+                        o[hd2][nb * 4 + 0] *= alpha[0];
+                        o[hd2][nb * 4 + 1] *= alpha[0];
+                        o[hd2][nb * 4 + 2] *= alpha[1];
+                        o[hd2][nb * 4 + 3] *= alpha[1];
                     }
             }
 
@@ -557,73 +679,109 @@ __global__ void __launch_bounds__(THREADS, 1) prefill_sm90_kernel(const PrefillA
                 pa[t][2] = Pack2<T>::pack(s[8 * t + 4], s[8 * t + 5]);
                 pa[t][3] = Pack2<T>::pack(s[8 * t + 6], s[8 * t + 7]);
             }
-        }
-        { /* step nplan, the round's last: P V of the last tile (none in an empty round) */
-            const int st = n & 1, use = n >> 1;
-            mbar_wait(bar_full_k + 8 * st, use & 1);
-            mbar_wait(bar_full_v + 8 * st, use & 1);
-            turn_wait();
-            fence_regs<32>(o[0]);
-            fence_regs<32>(o[1]);
-            fence_regs<BN / 4>(&pa[0][0]);
-            wgmma_fence();
-            if (nplan > 0) issue_pv(st);
-            wgmma_commit();
-            turn_pass();
-            wgmma_wait<0>();
-            fence_regs<32>(o[0]);
-            fence_regs<32>(o[1]);
-            mbar_arrive(bar_empty_k + 8 * st);
-            mbar_arrive(bar_empty_v + 8 * st);
             ++n;
+            pending = true;
         }
-        __syncthreads(); /* the plan buffer is rewritten by the next round */
+        mbar_arrive(sm.bar(Q_EMPTY, qs)); /* every Q K^T of the item is done */
+
+        /* the item's output: normalise and write the valid rows */
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float lt = quad_sum(l[r]);
+            const int i = i0 + row_of[r];
+            if (i >= q_len) continue;
+            const float inv = lt > 0.f ? 1.f / lt : 0.f;
+            uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + i) * a.o_st;
+#pragma unroll
+            for (int hd2 = 0; hd2 < 2; ++hd2)
+#pragma unroll
+                for (int nb = 0; nb < 8; ++nb) {
+                    const uint32_t pk = Pack2<T>::pack(o[hd2][nb * 4 + 2 * r] * inv,
+                                                       o[hd2][nb * 4 + 2 * r + 1] * inv);
+                    *reinterpret_cast<uint32_t *>(orow + hd2 * 64 + nb * 8 + 2 * c4) = pk;
+                }
+            if (a.lse != nullptr && c4 == 0)
+                a.lse[b * a.lse_sb + h * a.lse_sh + q_start + i] =
+                    lt > 0.f ? (m[r] + log2f(lt)) * kLn2 : -INFINITY;
+        }
     }
     if (wg == 0) turn_wait(); /* the turn warpgroup 1 handed over after the last */
+}
 
-    /* epilogue: normalise and write the valid rows */
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const float lt = quad_sum(l[r]);
-        const int i = i0 + wg * 64 + wq * 16 + g + r * 8;
-        if (i >= q_len) continue;
-        const float inv = lt > 0.f ? 1.f / lt : 0.f;
-        uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + i) * a.o_st;
-#pragma unroll
-        for (int hd = 0; hd < 2; ++hd)
-#pragma unroll
-            for (int nb = 0; nb < 8; ++nb) {
-                const uint32_t pk =
-                    Pack2<T>::pack(o[hd][nb * 4 + 2 * r] * inv, o[hd][nb * 4 + 2 * r + 1] * inv);
-                *reinterpret_cast<uint32_t *>(orow + hd * 64 + nb * 8 + 2 * c4) = pk;
-            }
-        if (a.lse != nullptr && c4 == 0)
-            a.lse[b * a.lse_sb + h * a.lse_sh + q_start + i] =
-                lt > 0.f ? (m[r] + log2f(lt)) * kLn2 : -INFINITY;
+/* ------------------------------------------------------------ the kernel */
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS, 1)
+    prefill_sm90_kernel(const PrefillArgs a, int n_items, int tiles, int heads, int sched_pair)
+{
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    const uint32_t raw = smem_addr(smem_raw);
+    Smem sm;
+    sm.base = (raw + 1023u) & ~1023u;
+    sm.p = smem_raw + (sm.base - raw);
+    const int tid = threadIdx.x;
+
+    if (tid == 0) {
+        for (int i = 0; i < 2; ++i) {
+            mbar_init(sm.bar(FULL_K, i), PRODUCERS);
+            mbar_init(sm.bar(FULL_V, i), PRODUCERS);
+            mbar_init(sm.bar(EMPTY_K, i), CONSUMERS);
+            mbar_init(sm.bar(EMPTY_V, i), CONSUMERS);
+            mbar_init(sm.bar(Q_FULL, i), PRODUCERS);
+            mbar_init(sm.bar(Q_EMPTY, i), CONSUMERS);
+            mbar_init(sm.bar(HDR_FULL, i), PRODUCERS);
+            mbar_init(sm.bar(HDR_EMPTY, i), CONSUMERS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
+    __syncthreads(); /* the barriers are initialised */
+
+    if (tid >= CONSUMERS) {
+        /* The producer needs few registers; hand them to the consumers. */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+        produce(a, sm, n_items, tiles, heads, g_sched + 2 * sched_pair, tid - CONSUMERS);
+        return;
+    }
+    /* (the consumers' path is not a branch of an if: ptxas treats wgmma inside one as
+     * divergent and serialises them) */
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+    consume<T>(a, sm, tid);
 #else
     __trap(); /* built without sm_90a: the launcher never selects this kernel there */
 #endif
 }
 
+/* The scheduler pair of a launch: consecutive launches take consecutive pairs. */
+int take_sched_pair()
+{
+    static unsigned int cursor = 0;
+    return (int)(__atomic_fetch_add(&cursor, 1u, __ATOMIC_RELAXED) % (unsigned int)SCHED_POOL);
+}
+
 template <typename T>
-sf_status launch(const PrefillArgs &a, int heads_q, int batch, int max_q_len, cudaStream_t stream)
+sf_status launch(const PrefillArgs &a, int heads_q, int batch, int max_q_len, int sms,
+                 cudaStream_t stream)
 {
     static unsigned long long configured = 0;
     if (!configure_once((const void *)prefill_sm90_kernel<T>, SMEM_BYTES, &configured))
         return SF_ERR_CUDA;
-    dim3 grid(heads_q, (max_q_len + BM - 1) / BM, batch);
-    prefill_sm90_kernel<T><<<grid, THREADS, SMEM_BYTES, stream>>>(a);
+    const int tiles = (max_q_len + BM - 1) / BM;
+    const long long n_items = (long long)heads_q * tiles * batch;
+    if (n_items > INT32_MAX) return SF_ERR_ARGUMENT;
+    const int grid = (int)std::min<long long>(n_items, std::max(sms, 1));
+    prefill_sm90_kernel<T><<<grid, THREADS, SMEM_BYTES, stream>>>(a, (int)n_items, tiles, heads_q,
+                                                                  take_sched_pair());
     return last_launch_status();
 }
 
 } // namespace
 
 sf_status launch_prefill_sm90(const PrefillArgs &a, bool bf16, int heads_q, int batch,
-                              int max_q_len, cudaStream_t stream)
+                              int max_q_len, int sms, cudaStream_t stream)
 {
-    return bf16 ? launch<__nv_bfloat16>(a, heads_q, batch, max_q_len, stream)
-                : launch<__half>(a, heads_q, batch, max_q_len, stream);
+    return bf16 ? launch<__nv_bfloat16>(a, heads_q, batch, max_q_len, sms, stream)
+                : launch<__half>(a, heads_q, batch, max_q_len, sms, stream);
 }
 
 } // namespace sfcuda

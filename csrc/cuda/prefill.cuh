@@ -30,7 +30,7 @@ namespace sfcuda {
 /* The prefill kernels read nothing beyond the common argument block. */
 typedef AttnArgs PrefillArgs;
 
-/* Query rows per block of the Hopper kernel (it sizes the grid's y extent). */
+/* Query rows per work item of the Hopper kernel. */
 constexpr int SM90_BM = 128;
 
 /* The Hopper (sm_90a) kernel, head dim 128 only; bf16 when `bf16`, else fp16. Its grid is

@@ -195,6 +195,36 @@ template <int N> __device__ __forceinline__ void cp_async_wait()
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+/* mbarriers in shared memory (sm_90), addressed by their shared-space address. A fresh
+ * barrier is in phase 0; a phase completes when its count of arrivals (and of announced
+ * copy bytes) is in. */
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+/* A plain arrival (release: this thread's earlier shared-memory writes are visible to the
+ * threads that wait for the phase). */
+__device__ __forceinline__ void mbar_arrive(uint32_t bar)
+{
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+/* Spins until the phase with the given parity has completed (acquire: the copied bytes and
+ * the writes released by the arrivals are visible afterwards). */
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity)
+{
+    uint32_t done;
+    do {
+        asm volatile("{\n\t.reg .pred p;\n\t"
+                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+                     "selp.u32 %0, 1, 0, p;\n\t}\n"
+                     : "=r"(done)
+                     : "r"(bar), "r"(parity)
+                     : "memory");
+    } while (!done);
+}
+
 /*
  * Shared-memory tiles of ROWS x D 16-bit elements, 16-byte chunks XOR-swizzled
  * by the row so that the 8 rows an ldmatrix reads fall in distinct banks.

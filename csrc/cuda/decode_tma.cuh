@@ -63,12 +63,8 @@ struct TmaTile {
     static __device__ __forceinline__ uint32_t off(int row, int ch) { return tm_off(row, ch); }
 };
 
-/* ------------------------------------------------------------ mbarrier / tensor copies */
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count)
-{
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
+/* ------------------------------------------------------------ mbarrier / tensor copies
+ * (init, arrive and wait are in common.cuh) */
 
 /* One arrival that also announces `bytes` to be delivered by copies into this phase. */
 __device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes)
@@ -77,27 +73,6 @@ __device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes)
                  : "memory");
 }
 
-/* A plain arrival (release: this thread's earlier shared-memory writes are visible to the
- * threads that wait for the phase). */
-__device__ __forceinline__ void mbar_arrive(uint32_t bar)
-{
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-
-/* Spins until the phase with the given parity has completed (acquire: the copied bytes and
- * the writes released by the arrivals are visible afterwards). */
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity)
-{
-    uint32_t done;
-    do {
-        asm volatile("{\n\t.reg .pred p;\n\t"
-                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-                     "selp.u32 %0, 1, 0, p;\n\t}\n"
-                     : "=r"(done)
-                     : "r"(bar), "r"(parity)
-                     : "memory");
-    } while (!done);
-}
 
 /* One box (64 columns from column c0, 64 rows from row r0) of a 2-D tensor map into shared
  * memory at dst (1024-byte aligned); completion counted in bytes on the mbarrier. */

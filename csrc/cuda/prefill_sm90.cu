@@ -108,35 +108,8 @@ constexpr int OFF_FACTS = OFF_KIND + SEG_CAP;   /* [slot][seg BN | bias BN] */
 static_assert(OFF_KV % 1024 == 0 && STAGE % 1024 == 0 && HALF_T % 1024 == 0 && QBUF % 1024 == 0,
               "swizzle atoms must start 1024-byte aligned");
 
-/* ------------------------------------------------------------ PTX wrappers */
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count)
-{
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-
-/* Arrive (release semantics at CTA scope: this thread's earlier writes become visible
- * to a thread whose wait observes the phase completing). */
-__device__ __forceinline__ void mbar_arrive(uint32_t bar)
-{
-    asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
-                 : "memory");
-}
-
-/* Wait until the phase of the given parity has completed (acquire semantics).
- * A fresh barrier is in phase 0; phase k completes when its count of arrivals is in. */
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity)
-{
-    uint32_t done;
-    do {
-        asm volatile("{\n .reg .pred p;\n"
-                     " mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                     " selp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done)
-                     : "r"(bar), "r"(parity)
-                     : "memory");
-    } while (!done);
-}
+/* ------------------------------------------------------------ PTX wrappers
+ * (the mbarrier ones are in common.cuh) */
 
 /* Orders this thread's generic-proxy shared-memory writes (cp.async results included,
  * once waited for) before later async-proxy reads (wgmma operands). */

@@ -232,6 +232,52 @@ __device__ __forceinline__ void write_row(const DecodeArgs &a, int r, int h, int
     }
 }
 
+/* ------------------------------------------------- row setup of both decode kernels */
+
+/* The two rows of a thread whose first row is row `lr0` (and lr0 + 8) of row chunk rc of KV
+ * head hk: its query head, new-token index and position, and whether it exists (rows
+ * run over the group's query heads, max_q new tokens each). */
+__device__ __forceinline__ void thread_rows(const DecodeArgs &a, int hk, int rc, int lr0, int rows,
+                                            int q_len, int kv_len, int (&hrow)[2], int (&trow)[2],
+                                            int (&pos)[2], bool (&valid)[2])
+{
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        int lr = lr0 + r * 8;
+        int rr = rc * ROWS_PER_BLOCK + lr;
+        int gi = rr / a.max_q, t = rr % a.max_q;
+        valid[r] = lr < rows && t < q_len;
+        hrow[r] = hk * a.group + gi;
+        trow[r] = t;
+        pos[r] = kv_len - q_len + t;
+    }
+}
+
+/* The A fragments of Q for the thread's two rows (mma.sync m16n8k16 layout), straight from
+ * global memory; rows that do not exist read as zeros. */
+template <int D>
+__device__ __forceinline__ void q_fragments_global(const DecodeArgs &a, int b, int q_start,
+                                                   const int (&hrow)[2], const int (&trow)[2],
+                                                   const bool (&valid)[2], int c4,
+                                                   uint32_t (&qf)[D / 16][4])
+{
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const uint16_t *qrow =
+            a.q + b * a.q_sb + hrow[r] * a.q_sh + (int64_t)(q_start + trow[r]) * a.q_st;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t lo = 0, hi = 0;
+            if (valid[r]) {
+                lo = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 2 * c4);
+                hi = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 8 + 2 * c4);
+            }
+            qf[kk][r] = lo;
+            qf[kk][2 + r] = hi;
+        }
+    }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
 {
@@ -262,16 +308,7 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
     /* this thread's two rows */
     int hrow[2], trow[2], pos[2];
     bool valid[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        int lr = rg * 16 + g + r * 8;
-        int rr = rc * ROWS_PER_BLOCK + lr;
-        int gi = rr / a.max_q, t = rr % a.max_q;
-        valid[r] = lr < rows && t < q_len;
-        hrow[r] = hk * a.group + gi;
-        trow[r] = t;
-        pos[r] = kv_len - q_len + t;
-    }
+    thread_rows(a, hk, rc, rg * 16 + g, rows, q_len, kv_len, hrow, trow, pos, valid);
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     float o[D / 8][4];
@@ -285,21 +322,7 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
     if (kbeg < kend) {
         /* Q fragments straight from global memory (rows padded with zeros) */
         uint32_t qf[D / 16][4];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const uint16_t *qrow =
-                a.q + b * a.q_sb + hrow[r] * a.q_sh + (int64_t)(q_start + trow[r]) * a.q_st;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                uint32_t lo = 0, hi = 0;
-                if (valid[r]) {
-                    lo = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 2 * c4);
-                    hi = *reinterpret_cast<const uint32_t *>(qrow + kk * 16 + 8 + 2 * c4);
-                }
-                qf[kk][r] = lo;
-                qf[kk][2 + r] = hi;
-            }
-        }
+        q_fragments_global<D>(a, b, q_start, hrow, trow, valid, c4, qf);
 
         /* per-key biases: segment table staged in shared memory when small */
         SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);

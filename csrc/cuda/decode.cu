@@ -83,6 +83,28 @@ template <int D> __host__ __device__ constexpr int smem_bytes()
 constexpr int TM_POOL = 16384;
 __device__ int g_arrivals[TM_POOL];
 
+/* The output row (b, h, t) of a merge: lane `lane` holds E of its values, summed with the
+ * splits' weights (sum: their total, mx: the maximum they are relative to); written
+ * normalised, with the row's log-sum-exp when asked for. */
+template <typename T, int E>
+__device__ __forceinline__ void write_merged_row(const DecodeArgs &a, int b, int h, int t,
+                                                 int q_start, int lane, const float (&acc)[E],
+                                                 float sum, float mx)
+{
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + t) * a.o_st + lane * E;
+    if constexpr (E == 4) {
+        uint2 pk;
+        pk.x = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
+        pk.y = Pack2<T>::pack(acc[2] * inv, acc[3] * inv);
+        *reinterpret_cast<uint2 *>(orow) = pk;
+    } else {
+        *reinterpret_cast<uint32_t *>(orow) = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
+    }
+    if (a.lse != nullptr && lane == 0)
+        a.lse[b * a.lse_sb + h * a.lse_sh + q_start + t] = sum > 0.f ? mx + logf(sum) : -INFINITY;
+}
+
 /* Merges the nsplit partial results of one row (b, h, t) and writes the output row: one
  * warp, lanes holding the splits' log-sum-exps (split s in lane s % 32) and each lane
  * D/32 output elements. Every split of the grid wrote its partial row (an empty split:
@@ -138,18 +160,7 @@ __device__ __forceinline__ void merge_row(const DecodeArgs &a, int b, int h, int
             }
         }
     }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + t) * a.o_st + lane * E;
-    if constexpr (E == 4) {
-        uint2 pk;
-        pk.x = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
-        pk.y = Pack2<T>::pack(acc[2] * inv, acc[3] * inv);
-        *reinterpret_cast<uint2 *>(orow) = pk;
-    } else {
-        *reinterpret_cast<uint32_t *>(orow) = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
-    }
-    if (a.lse != nullptr && lane == 0)
-        a.lse[b * a.lse_sb + h * a.lse_sh + q_start + t] = sum > 0.f ? mx + logf(sum) : -INFINITY;
+    write_merged_row<T, E>(a, b, h, t, q_start, lane, acc, sum, mx);
 }
 
 /* Called by every thread of a block after it wrote its split's partial rows: the block that
@@ -434,18 +445,7 @@ __global__ void __launch_bounds__(32) combine_kernel(const DecodeArgs a)
             }
         }
     }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + t) * a.o_st + lane * E;
-    if constexpr (E == 4) {
-        uint2 pk;
-        pk.x = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
-        pk.y = Pack2<T>::pack(acc[2] * inv, acc[3] * inv);
-        *reinterpret_cast<uint2 *>(orow) = pk;
-    } else {
-        *reinterpret_cast<uint32_t *>(orow) = Pack2<T>::pack(acc[0] * inv, acc[1] * inv);
-    }
-    if (a.lse != nullptr && lane == 0)
-        a.lse[b * a.lse_sb + h * a.lse_sh + q_start + t] = sum > 0.f ? mx + logf(sum) : -INFINITY;
+    write_merged_row<T, E>(a, b, h, t, q_start, lane, acc, sum, mx);
 }
 
 int sm_count()

@@ -245,6 +245,21 @@ __device__ __forceinline__ void write_row(const DecodeArgs &a, int r, int h, int
 
 /* ------------------------------------------------- row setup of both decode kernels */
 
+/* Copies a table's segment ends and biases to shared memory and points the view there (the
+ * kinds are never read: decode queries are all global). Called by all THREADS_ threads; the
+ * caller's next block barrier makes the copy visible. */
+template <int THREADS_>
+__device__ __forceinline__ void stage_ends_biases(SegView &view, int32_t *s_end, float *s_sbias,
+                                                  int tid)
+{
+    for (int s = tid; s < view.n; s += THREADS_) {
+        s_end[s] = view.end[s];
+        s_sbias[s] = view.bias[s];
+    }
+    view.end = s_end;
+    view.bias = s_sbias;
+}
+
 /* The two rows of a thread whose first row is row `lr0` (and lr0 + 8) of row chunk rc of KV
  * head hk: its query head, new-token index and position, and whether it exists (rows
  * run over the group's query heads, max_q new tokens each). */
@@ -338,14 +353,7 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
         /* per-key biases: segment table staged in shared memory when small */
         SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
         const bool has_bias = view.bias != nullptr && view.n > 0;
-        if (has_bias && view.n <= SEG_CAP) {
-            for (int s = tid; s < view.n; s += THREADS) {
-                s_end[s] = view.end[s];
-                s_sbias[s] = view.bias[s];
-            }
-            view.end = s_end;
-            view.bias = s_sbias;
-        }
+        if (has_bias && view.n <= SEG_CAP) stage_ends_biases<THREADS>(view, s_end, s_sbias, tid);
         /* the kinds are never read here: decode queries are all global */
 
         const uint16_t *kbase = a.k + b * a.k_sb + hk * a.k_sh + (int64_t)(k_start + kbeg) * a.k_st;

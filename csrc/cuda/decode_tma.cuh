@@ -167,14 +167,7 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
         /* per-key biases: segment table staged in shared memory when small */
         SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
         const bool has_bias = view.bias != nullptr && view.n > 0;
-        if (has_bias && view.n <= TM_SEG_CAP) {
-            for (int s = tid; s < view.n; s += TM_THREADS) {
-                s_end[s] = view.end[s];
-                s_sbias[s] = view.bias[s];
-            }
-            view.end = s_end;
-            view.bias = s_sbias;
-        }
+        if (has_bias && view.n <= TM_SEG_CAP) stage_ends_biases<TM_THREADS>(view, s_end, s_sbias, tid);
 
         const int nkeys = kend - kbeg;
         const int ntiles = t1 - t0;

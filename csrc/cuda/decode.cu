@@ -83,6 +83,22 @@ template <int D> __host__ __device__ constexpr int smem_bytes()
 constexpr int TM_POOL = 16384;
 __device__ int g_arrivals[TM_POOL];
 
+/* The weights of a row's splits, over one warp: lane s holds the log-sum-exps of splits s
+ * (l0) and s + 32 (l1), -inf for none. Gives their maximum mx, the lane's two weights
+ * exp(l - mx) (0 for an empty split) and the weights' total. */
+__device__ __forceinline__ void split_weights(float l0, float l1, float &mx, float &w0, float &w1,
+                                              float &sum)
+{
+    mx = fmaxf(l0, l1);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    w0 = (mx == -INFINITY || l0 == -INFINITY) ? 0.f : __expf(l0 - mx);
+    w1 = (mx == -INFINITY || l1 == -INFINITY) ? 0.f : __expf(l1 - mx);
+    sum = w0 + w1;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+}
+
 /* The output row (b, h, t) of a merge: lane `lane` holds E of its values, summed with the
  * splits' weights (sum: their total, mx: the maximum they are relative to); written
  * normalised, with the row's log-sum-exp when asked for. */
@@ -128,14 +144,8 @@ __device__ __forceinline__ void merge_row(const DecodeArgs &a, int b, int h, int
     for (int j = 0; j < BATCH; ++j)
         if (j < a.nsplit) x[j] = __ldcg(reinterpret_cast<const Vec *>(po + (int64_t)j * D));
 
-    float mx = fmaxf(l0, l1);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    const float w0 = (mx == -INFINITY || l0 == -INFINITY) ? 0.f : __expf(l0 - mx);
-    const float w1 = (mx == -INFINITY || l1 == -INFINITY) ? 0.f : __expf(l1 - mx);
-    float sum = w0 + w1;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    float mx, w0, w1, sum;
+    split_weights(l0, l1, mx, w0, w1, sum);
 
     float acc[E];
 #pragma unroll
@@ -426,14 +436,8 @@ __global__ void __launch_bounds__(32) combine_kernel(const DecodeArgs a)
     const float *pl = a.part_lse + row_id * a.nsplit;
     const float l0 = lane < a.nsplit ? pl[lane] : -INFINITY;
     const float l1 = lane + 32 < a.nsplit ? pl[lane + 32] : -INFINITY;
-    float mx = fmaxf(l0, l1);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    const float w0 = (mx == -INFINITY || l0 == -INFINITY) ? 0.f : __expf(l0 - mx);
-    const float w1 = (mx == -INFINITY || l1 == -INFINITY) ? 0.f : __expf(l1 - mx);
-    float sum = w0 + w1;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    float mx, w0, w1, sum;
+    split_weights(l0, l1, mx, w0, w1, sum);
 
     constexpr int E = D / 32;
     float acc[E];

@@ -255,6 +255,20 @@ __device__ __forceinline__ void write_row(const DecodeArgs &a, int r, int h, int
 
 /* ------------------------------------------------- row setup of both decode kernels */
 
+/* How a block's 4 warps share row chunk rc: its rows (up to ROWS_PER_BLOCK), dealt to
+ * rg_count row groups of 16; the kg_count warps of a row group split each key tile. This
+ * warp takes row group rg and key group kg. */
+__device__ __forceinline__ void warp_groups(const DecodeArgs &a, int rc, int warp, int &rows,
+                                            int &rg_count, int &kg_count, int &rg, int &kg)
+{
+    const int rows_total = a.group * a.max_q;
+    rows = min(ROWS_PER_BLOCK, rows_total - rc * ROWS_PER_BLOCK);
+    rg_count = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
+    kg_count = 4 / rg_count;
+    rg = warp % rg_count;
+    kg = warp / rg_count;
+}
+
 /* Copies a table's segment ends and biases to shared memory and points the view there (the
  * kinds are never read: decode queries are all global). Called by all THREADS_ threads; the
  * caller's next block barrier makes the copy visible. */
@@ -331,11 +345,8 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
 
     const int q_len = a.q_len[b], kv_len = a.kv_len[b];
     const int q_start = a.q_start[b], k_start = a.k_start[b];
-    const int rows_total = a.group * a.max_q;
-    const int rows = min(ROWS_PER_BLOCK, rows_total - rc * ROWS_PER_BLOCK);
-    const int rg_count = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
-    const int kg_count = 4 / rg_count;
-    const int rg = warp % rg_count, kg = warp / rg_count;
+    int rows, rg_count, kg_count, rg, kg;
+    warp_groups(a, rc, warp, rows, rg_count, kg_count, rg, kg);
 
     const int chunk = (((kv_len + a.nsplit - 1) / a.nsplit) + BN - 1) / BN * BN;
     const int kbeg = split * chunk;

@@ -128,11 +128,8 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
 
     const int q_len = a.q_len[b], kv_len = a.kv_len[b];
     const int q_start = a.q_start[b], k_start = a.k_start[b];
-    const int rows_total = a.group * a.max_q;
-    const int rows = min(ROWS_PER_BLOCK, rows_total - rc * ROWS_PER_BLOCK);
-    const int rg_count = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
-    const int kg_count = 4 / rg_count;
-    const int rg = warp % rg_count, kg = warp / rg_count;
+    int rows, rg_count, kg_count, rg, kg;
+    warp_groups(a, rc, warp, rows, rg_count, kg_count, rg, kg);
 
     /* this split's tiles: [t0, t1) of the sequence's ceil(kv_len / BN), dealt evenly */
     const int ntiles_all = (kv_len + BN - 1) / BN;

@@ -283,6 +283,30 @@ __device__ __forceinline__ float quad_max(float x)
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
     return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
+/* One online-softmax step (base 2) for row r of a thread's m16n8 accumulator fragments
+ * s[NB][4] (the row's elements are 2r and 2r + 1 of each): given the row's maximum over
+ * this tile (reduced over the quad of lanes sharing the row), moves the running maximum m,
+ * turns the scores into exponentials relative to it, and rescales the running sum l;
+ * alpha is the factor the row's output accumulators must be scaled by. A row that has seen
+ * only masked keys (-inf) keeps zeros. */
+template <int NB>
+__device__ __forceinline__ void online_softmax_row(float (&s)[NB][4], int r, float mx, float &m,
+                                                   float &l, float &alpha)
+{
+    float m_new = fmaxf(m, mx);
+    float base = m_new == -INFINITY ? 0.f : m_new;
+    alpha = fast_exp2(m - base);
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < NB; ++n) {
+        s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
+        s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
+        sum += s[n][2 * r] + s[n][2 * r + 1];
+    }
+    l = l * alpha + sum;
+    m = m_new;
+}
+
 __device__ __forceinline__ float quad_sum(float x)
 {
     x += __shfl_xor_sync(0xffffffffu, x, 1);

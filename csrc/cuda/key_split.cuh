@@ -85,19 +85,7 @@ __device__ __forceinline__ void attend_chunk(uint32_t sk, uint32_t sv, int cchun
                 mx = fmaxf(mx, val);
             }
         }
-        mx = quad_max(mx);
-        float m_new = fmaxf(m[r], mx);
-        float base = m_new == -INFINITY ? 0.f : m_new;
-        alpha[r] = fast_exp2(m[r] - base);
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < 2; ++n) {
-            s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
-            s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
-            sum += s[n][2 * r] + s[n][2 * r + 1];
-        }
-        l[r] = l[r] * alpha[r] + sum;
-        m[r] = m_new;
+        online_softmax_row(s, r, quad_max(mx), m[r], l[r], alpha[r]);
     }
     uint32_t pa[4];
     pa[0] = Pack2<T>::pack(s[0][0], s[0][1]);

@@ -215,19 +215,7 @@ __global__ void __launch_bounds__(THREADS, 2) prefill_kernel(const PrefillArgs a
                 float mx = -INFINITY;
 #pragma unroll
                 for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-                mx = quad_max(mx);
-                float m_new = fmaxf(m[r], mx);
-                float base = m_new == -INFINITY ? 0.f : m_new;
-                alpha[r] = fast_exp2(m[r] - base);
-                float sum = 0.f;
-#pragma unroll
-                for (int n = 0; n < BN / 8; ++n) {
-                    s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
-                    s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
-                    sum += s[n][2 * r] + s[n][2 * r + 1];
-                }
-                l[r] = l[r] * alpha[r] + sum;
-                m[r] = m_new;
+                online_softmax_row(s, r, quad_max(mx), m[r], l[r], alpha[r]);
             }
 #pragma unroll
             for (int i = 0; i < D / 8; ++i) {

@@ -18,9 +18,8 @@
  * consumers (setmaxnreg: 56 / 224 per thread). The tile plan is the one of prefill.cu
  * (plan.cuh): before touching K/V the producer classifies every key tile at or before the
  * item's last query from the segment table (classify_rect); empty tiles never enter the
- * plan, full tiles run without mask
- * arithmetic, partial tiles evaluate the mask and bias in registers. Tiles are
- * processed from the diagonal down. S = Q K^T is wgmma with both operands in shared
+ * plan, full tiles run without mask arithmetic, partial tiles evaluate the mask and bias
+ * in registers. Tiles are processed from the diagonal down. S = Q K^T is wgmma with both operands in shared
  * memory; O += P V is wgmma with P in registers (the S accumulator converted in
  * place) and V in shared memory read N-major (the transpose bit). Softmax is
  * online, fp32, base 2. Each warpgroup issues Q K^T of tile n + 1 and then P V of
@@ -33,7 +32,10 @@
  * Why cp.async and not TMA: a tensor map needs the extent of the key axis, and
  * the contract only gives per-sequence lengths in device memory; the rows past a
  * sequence's end must read as zeros (a padded batch may hold NaN there), which
- * cp.async's zero fill gives row by row.
+ * cp.async's zero fill gives row by row. Whole tiles could still come through the copy
+ * engine, with maps over the whole buffer built by the host and only a sequence's last
+ * tile by cp.async, as the decode kernel does (decode_tma.cuh); profiles put the limit in
+ * the consumers' softmax, not in the loads, so this has not been done.
  *
  * Conventions of the PTX instructions used (PTX ISA, "Asynchronous Warpgroup
  * Level Matrix Multiply-Accumulate"):

@@ -41,7 +41,10 @@ constexpr int THREADS = 128;
 #define SEGFLEX_DECODE_STAGES 3
 #endif
 #ifndef SEGFLEX_DECODE_MIN_TILES
-#define SEGFLEX_DECODE_MIN_TILES 4
+#define SEGFLEX_DECODE_MIN_TILES 2
+#endif
+#ifndef SEGFLEX_DECODE_WHOLE_TILES
+#define SEGFLEX_DECODE_WHOLE_TILES 4
 #endif
 constexpr int NSTAGE = SEGFLEX_DECODE_STAGES;
 static_assert(NSTAGE >= 2 && NSTAGE <= 6, "the pipeline fits in shared memory");
@@ -525,16 +528,26 @@ int row_chunks(const sf_attn_params *p, int max_q)
  * a cluster launch and its two barriers cost more than the combine kernel, which the
  * programmatic launch already overlaps, and eight blocks per row group stream a long cache
  * slower than sixteen. Pipeline depth changes nothing beyond the spread; two tiles per split
- * give back the 256-key case (two splits and a merge instead of one split). Defaults: three
- * stages, at least four tiles per split.
+ * give back the 256-key case (two splits and a merge instead of one split).
+ *
+ * Hence the default: three stages; a cache of at most 4 tiles is one split (no merge), a
+ * longer one has splits of at least 2 tiles (-DSEGFLEX_DECODE_WHOLE_TILES, _MIN_TILES). At
+ * batch 1 this changes only caches of 5 to 63 tiles (2k: 16 splits of 2 tiles instead of 8
+ * of 4). Two runs each, on one machine, against the build with at least 4 tiles per split:
+ *
+ *     build                             1 x 256  1 x 2k  1 x 8k  1 x 32k  32 x 2k
+ *     whole <= 4 tiles, else >= 2       6.0 5.7 7.9 7.8 12.0 12.1 50.7 51.0 93.5 94.3
+ *     >= 4 tiles                        5.9 6.0 8.4 8.5 11.9 12.2 50.7 50.8 93.4 93.6
+ *     SDPA (same runs)                  6.3-6.6 7.9-8.0 12.1-12.5 51.7-51.9 91.8-92.9
  */
 struct Policy {
     int per_sm;     /* blocks per multiprocessor the splits aim at */
     int round_up;   /* 1: at least per_sm blocks per SM; 0: at most per_sm blocks per SM */
     int min_tiles;  /* fewest 64-key tiles per split (applied through the workspace size) */
+    int whole_tiles; /* caches of at most this many tiles are not split */
     int wide_tma;   /* row groups >= SMs: 1 = decode_tma_kernel, 0 = decode_kernel */
 };
-constexpr Policy kPolicy = {1, 0, SEGFLEX_DECODE_MIN_TILES, 1};
+constexpr Policy kPolicy = {1, 0, SEGFLEX_DECODE_MIN_TILES, SEGFLEX_DECODE_WHOLE_TILES, 1};
 
 const Policy &policy() { return kPolicy; }
 
@@ -545,9 +558,10 @@ int64_t row_groups(int batch, const sf_attn_params *p, int max_q)
 }
 
 /* Splits of decode_kernel: the policy's blocks per multiprocessor and, when the longest
- * cache is known (max_kv_len > 0, workspace sizing), at least min_tiles tiles per split:
- * below that the merge and the per-block start-up cost more than the parallelism brings.
- * The launch passes 0 and is held to the workspace size, which carries that cap. */
+ * cache is known (max_kv_len > 0, workspace sizing), one split for a cache of at most
+ * whole_tiles tiles, else at least min_tiles tiles per split: below that the merge and the
+ * per-block start-up cost more than the parallelism brings. The launch passes 0 and is held
+ * to the workspace size, which carries that cap. */
 int old_splits(int batch, const sf_attn_params *p, int max_q, int max_kv_len)
 {
     const Policy &pol = policy();
@@ -557,7 +571,9 @@ int old_splits(int batch, const sf_attn_params *p, int max_q, int max_kv_len)
     if (s > MAX_SPLITS) s = MAX_SPLITS;
     if (max_kv_len > 0) {
         const int64_t span = (int64_t)pol.min_tiles * BN;
-        const int64_t useful = ((int64_t)max_kv_len + span - 1) / span;
+        const int64_t useful = max_kv_len <= (int64_t)pol.whole_tiles * BN
+                                   ? 1
+                                   : ((int64_t)max_kv_len + span - 1) / span;
         if (s > useful) s = useful;
     }
     return s < 1 ? 1 : (int)s;

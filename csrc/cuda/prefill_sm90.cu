@@ -706,7 +706,7 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
                     lt > 0.f ? (m[r] + log2f(lt)) * kLn2 : -INFINITY;
         }
     }
-    alone = false;
+    alone = false; /* the closing wait is a real one, whatever the last item was */
     if (wg == 0) turn_wait(); /* the turn warpgroup 1 handed over after the last */
 }
 

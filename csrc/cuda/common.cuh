@@ -49,22 +49,44 @@ struct SegView {
     __device__ __forceinline__ int end_of(int s) const { return s >= n ? INT_MAX : end[s]; }
 };
 
+/* Where sequence b's segments lie in a batch of tables: [s0, s1), loaded with no use yet,
+ * so that the caller can issue them with its other first loads (table: false without one). */
+struct SegRange {
+    int s0, s1;
+    bool table;
+};
+__device__ __forceinline__ SegRange load_seg_range(const int32_t *seg_ptr, int b)
+{
+    SegRange r{0, 0, seg_ptr != nullptr};
+    if (r.table) {
+        r.s0 = seg_ptr[b];
+        r.s1 = seg_ptr[b + 1];
+    }
+    return r;
+}
+
+/* The view of the segments [s0, s1) of a batch of tables living in device memory. */
+__device__ __forceinline__ SegView view_of_range(const int32_t *seg_end, const uint8_t *seg_kind,
+                                                 const float *seg_bias, const SegRange &r)
+{
+    SegView v;
+    if (!r.table) { /* no table: everything is the global tail */
+        v.end = nullptr; v.kind = nullptr; v.bias = nullptr; v.n = 0; v.length = 0;
+        return v;
+    }
+    v.end = seg_end + r.s0;
+    v.kind = seg_kind + r.s0;
+    v.bias = seg_bias ? seg_bias + r.s0 : nullptr;
+    v.n = r.s1 - r.s0;
+    v.length = v.n > 0 ? v.end[v.n - 1] : 0;
+    return v;
+}
+
 /* The view of sequence b of a batch of tables living in device memory. */
 __device__ __forceinline__ SegView make_view(const int32_t *seg_ptr, const int32_t *seg_end,
                                              const uint8_t *seg_kind, const float *seg_bias, int b)
 {
-    SegView v;
-    if (seg_ptr == nullptr) { /* no table: everything is the global tail */
-        v.end = nullptr; v.kind = nullptr; v.bias = nullptr; v.n = 0; v.length = 0;
-        return v;
-    }
-    int s0 = seg_ptr[b], s1 = seg_ptr[b + 1];
-    v.end = seg_end + s0;
-    v.kind = seg_kind + s0;
-    v.bias = seg_bias ? seg_bias + s0 : nullptr;
-    v.n = s1 - s0;
-    v.length = v.n > 0 ? v.end[v.n - 1] : 0;
-    return v;
+    return view_of_range(seg_end, seg_kind, seg_bias, load_seg_range(seg_ptr, b));
 }
 
 /*
@@ -230,23 +252,29 @@ __device__ __forceinline__ uint32_t tile_off(int row, int chunk)
 
 /* Copies rows [0, ROWS) of a tile from global rows base + r*stride (r < valid_rows)
  * into a swizzled shared tile; rows past valid_rows become zeros. Each thread keeps one
- * 16-byte column and steps down the rows, so an address costs one 64-bit add. */
-template <int ROWS, int D, int THREADS>
+ * 16-byte column and steps down the rows, so an address costs one 64-bit add.
+ * With SOME_ROWS, only the rows of the 16-row groups whose bit is set in `groups` are
+ * copied (group r / 16 of row r); the others are left as they are. */
+template <int ROWS, int D, int THREADS, bool SOME_ROWS = false>
 __device__ __forceinline__ void load_tile(uint32_t s_tile, const uint16_t *base, int64_t stride,
-                                          int valid_rows, int tid)
+                                          int valid_rows, int tid, unsigned groups = 0)
 {
     constexpr int CHUNKS = D / 8;
     constexpr int RSTEP = THREADS / CHUNKS; /* rows between a thread's copies */
     static_assert(THREADS % CHUNKS == 0 && RSTEP % 8 == 0 && ROWS % RSTEP == 0,
                   "the swizzle phase must be the same for all rows of a thread");
+    static_assert(!SOME_ROWS || RSTEP <= 16, "a copy's row group is known at compile time");
     const int row0 = tid / CHUNKS, chunk = tid % CHUNKS;
     const uint16_t *src = base + row0 * stride + chunk * 8;
     const int64_t step = RSTEP * stride;
     const uint32_t dst = s_tile + tile_off<D>(row0, chunk);
 #pragma unroll
     for (int i = 0; i < ROWS / RSTEP; ++i) {
-        const bool ok = row0 + i * RSTEP < valid_rows;
-        cp_async16(dst + i * (RSTEP * D * 2), ok ? src : base, ok);
+        /* row0 < RSTEP <= 16: copy i's row lies in group i * RSTEP / 16 */
+        if (!SOME_ROWS || ((groups >> (i * RSTEP / 16)) & 1u)) {
+            const bool ok = row0 + i * RSTEP < valid_rows;
+            cp_async16(dst + i * (RSTEP * D * 2), ok ? src : base, ok);
+        }
         src += step;
     }
 }

@@ -418,7 +418,7 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
             const float *kb = reinterpret_cast<const float *>(s_pipe + st * STAGE + 2 * BN * D * 2);
             const DecodeMask mask{pos, kbeg + t * BN, kend, kb, has_bias, a.scale_log2};
             for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count)
-                attend_chunk<T, D, CpAsyncTile<D>>(sk, sv, cchunk, mask, qf, m, l, o);
+                attend_chunk<T, D, CpAsyncTile<D>, 4>(sk, sv, cchunk, mask, qf, m, l, o);
         }
         cp_async_wait<0>();
     }

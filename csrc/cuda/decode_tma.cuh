@@ -157,15 +157,6 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
     int *s_last = reinterpret_cast<int *>(smem + tm_off_bar<D>() + TM_STAGES * 8);
 
     if (kbeg < kend) {
-        /* Q fragments straight from global memory (rows padded with zeros) */
-        uint32_t qf[D / 16][4];
-        q_fragments_global<D>(a, b, q_start, hrow, trow, valid, c4, qf);
-
-        /* per-key biases: segment table staged in shared memory when small */
-        SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
-        const bool has_bias = view.bias != nullptr && view.n > 0;
-        if (has_bias && view.n <= TM_SEG_CAP) stage_ends_biases<TM_THREADS>(view, s_end, s_sbias, tid);
-
         const int nkeys = kend - kbeg;
         const int ntiles = t1 - t0;
         /* only a sequence's last tile can hold fewer than BN keys */
@@ -173,30 +164,13 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
         const int64_t krow0 = b * rows_of.k_rb + hk * rows_of.k_rh + k_start + kbeg;
         const int64_t vrow0 = b * rows_of.v_rb + hk * rows_of.v_rh + k_start + kbeg;
 
-        if (tid == 0) {
-#pragma unroll
-            for (int s = 0; s < TM_STAGES; ++s) mbar_init(s_bar + 8 * s, 32); /* warp 0 */
-            /* the barriers' initial state must be visible to the copy engine */
-            asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-        }
-        __syncthreads(); /* barriers initialised, staged table visible */
-
-        /* Tile t goes to stage t % TM_STAGES. Called by every thread. Warp 0 writes the
-         * per-key biases; a full tile then gets warp 0's 32 arrivals (lane 0's announcing
-         * the bytes to come; each a release, so the biases are visible to whoever waits for
-         * the phase) and lane 0's box copies. The partial last tile is copied by all threads
-         * with cp.async (zero-filled past kend) and waited for with cp.async.wait_all. */
-        auto issue = [&](int t) {
+        /* Tile t goes to stage t % TM_STAGES. Called by every thread. A full tile gets warp
+         * 0's 32 arrivals (lane 0's announcing the bytes to come) and lane 0's box copies.
+         * The partial last tile is copied by all threads with cp.async (zero-filled past
+         * kend) and waited for with cp.async.wait_all. */
+        auto copy = [&](int t) {
             const int st = t % TM_STAGES;
             const uint32_t sk = sbase + st * STAGE, sv = sk + KVB;
-            if (has_bias && warp == 0) {
-#pragma unroll
-                for (int i = 0; i < BN / 32; ++i) {
-                    const int col = lane + 32 * i;
-                    const int key = kbeg + t * BN + col;
-                    s_kbias[st * BN + col] = key < kend ? view.bias_of(view.seg(key)) * kLog2e : 0.f;
-                }
-            }
             if (!(last_partial && t == ntiles - 1)) {
                 if (warp == 0) {
                     const uint32_t bar = s_bar + 8 * st;
@@ -229,9 +203,54 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
                 cp_async_commit();
             }
         };
+
+        /* The first tiles depend on the lengths alone: they start before Q and the segment
+         * table are loaded. Warp 0 initialises the barriers it arrives on. */
+        if (warp == 0) {
+            if (lane == 0) {
+#pragma unroll
+                for (int s = 0; s < TM_STAGES; ++s) mbar_init(s_bar + 8 * s, 32); /* warp 0 */
+                /* the barriers' initial state must be visible to the copy engine */
+                asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+            }
+            __syncwarp();
+        }
 #pragma unroll
         for (int t = 0; t < TM_STAGES - 1; ++t)
-            if (t < ntiles) issue(t);
+            if (t < ntiles) copy(t);
+
+        /* Q fragments straight from global memory (rows padded with zeros) */
+        uint32_t qf[D / 16][4];
+        q_fragments_global<D>(a, b, q_start, hrow, trow, valid, c4, qf);
+
+        /* per-key biases: segment table staged in shared memory when small */
+        SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
+        const bool has_bias = view.bias != nullptr && view.n > 0;
+        if (has_bias && view.n <= TM_SEG_CAP) stage_ends_biases<TM_THREADS>(view, s_end, s_sbias, tid);
+
+        /* Warp 0 writes the per-key biases of tile t's stage. */
+        auto write_biases = [&](int t) {
+            if (has_bias && warp == 0) {
+                const int st = t % TM_STAGES;
+#pragma unroll
+                for (int i = 0; i < BN / 32; ++i) {
+                    const int col = lane + 32 * i;
+                    const int key = kbeg + t * BN + col;
+                    s_kbias[st * BN + col] = key < kend ? view.bias_of(view.seg(key)) * kLog2e : 0.f;
+                }
+            }
+        };
+        /* The first tiles' biases are visible to every warp through this barrier; a later
+         * tile's are written before warp 0's arrivals on its stage (each a release), so they
+         * are visible to whoever waits for the phase. */
+#pragma unroll
+        for (int t = 0; t < TM_STAGES - 1; ++t)
+            if (t < ntiles) write_biases(t);
+        __syncthreads(); /* barriers initialised, staged table and first biases visible */
+        auto issue = [&](int t) {
+            write_biases(t);
+            copy(t);
+        };
 
         for (int t = 0; t < ntiles; ++t) {
             if (t + TM_STAGES - 1 < ntiles) {
@@ -251,7 +270,7 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
             const float *kb = s_kbias + st * BN;
             const DecodeMask mask{pos, kbeg + t * BN, kend, kb, has_bias, a.scale_log2};
             for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count)
-                attend_chunk<T, D, TmaTile>(sk, sv, cchunk, mask, qf, m, l, o);
+                attend_chunk<T, D, TmaTile, 4>(sk, sv, cchunk, mask, qf, m, l, o);
         }
         /* every issued tile has been waited for: no copy is still writing shared memory */
     }

@@ -29,10 +29,11 @@ struct BlockRows {
 
 /* Fills r for query head h, sequence b and the tile of BM rows that is `from_end` tiles
  * before the last of `tiles`; false when the tile lies past the sequence's q_len (nothing to
- * do). The four lengths and starts are loaded together, before anything depends on them. */
+ * do). The four lengths and starts are loaded together, before anything depends on them;
+ * `pending` is any other value the caller loaded with them (0 if none). */
 template <int BM, int BN>
 __device__ __forceinline__ bool rows_at(const AttnArgs &a, int h, int b, int from_end, int tiles,
-                                        BlockRows &r)
+                                        BlockRows &r, int pending = 0)
 {
     r.h = h;
     r.b = b;
@@ -41,7 +42,10 @@ __device__ __forceinline__ bool rows_at(const AttnArgs &a, int h, int b, int fro
     r.q_start = load_now(a.q_start + r.b);
     r.k_start = load_now(a.k_start + r.b);
     r.i0 = (tiles - 1 - from_end) * BM;
-    if (r.i0 >= r.q_len) return false;
+    /* The exit test is i0 >= q_len. The other values are never negative and change nothing,
+     * but folded into one sign test they make the exit wait for every load above, so the
+     * assembler cannot sink the loads the exit does not need into a second trip to memory. */
+    if (((r.q_len - 1 - r.i0) | r.kv_len | r.q_start | r.k_start | pending) < 0) return false;
     r.hk = r.h / a.group;
     const int off = r.kv_len - r.q_len; /* position of query row 0 */
     r.p0 = off + r.i0;
@@ -51,11 +55,12 @@ __device__ __forceinline__ bool rows_at(const AttnArgs &a, int h, int b, int fro
 }
 
 /* The rows of this block of a one-block-per-tile grid (x: head, y: tile from the end, z:
- * sequence). */
+ * sequence), and where its sequence's segments lie (seg), loaded in the same trip. */
 template <int BM, int BN>
-__device__ __forceinline__ bool block_rows(const AttnArgs &a, BlockRows &r)
+__device__ __forceinline__ bool block_rows(const AttnArgs &a, BlockRows &r, SegRange &seg)
 {
-    return rows_at<BM, BN>(a, blockIdx.x, blockIdx.z, blockIdx.y, gridDim.y, r);
+    seg = load_seg_range(a.seg_ptr, blockIdx.z);
+    return rows_at<BM, BN>(a, blockIdx.x, blockIdx.z, blockIdx.y, gridDim.y, r, seg.s0 | seg.s1);
 }
 
 /* A plan entry is a key tile index, with this bit set when the tile needs no mask. */
@@ -79,12 +84,43 @@ template <int THREADS, int BAR> __device__ __forceinline__ void plan_sync()
  * s_count: THREADS / 32 ints of shared memory. Thread t takes candidates t, t + THREADS,
  * ...; each warp's keepers are compacted with a ballot, the warps' counts meet in s_count.
  */
+/* Appends the entries of the threads that keep one to s_plan after its first nplan, in
+ * thread order, and returns the new count (the same in every thread). Called by all THREADS
+ * threads that plan; each warp's keepers are compacted with a ballot, the warps' counts
+ * meet in s_count (THREADS / 32 ints of shared memory). */
+template <int THREADS, int BAR>
+__device__ __forceinline__ int append_kept(bool keep, uint32_t entry, int nplan, uint32_t *s_plan,
+                                           int32_t *s_count, int tid)
+{
+    const int warp = tid >> 5, lane = tid & 31;
+    const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+    if (lane == 0) s_count[warp] = __popc(ballot);
+    plan_sync<THREADS, BAR>();
+    int before = nplan, total = nplan;
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; ++w) {
+        if (w < warp) before += s_count[w];
+        total += s_count[w];
+    }
+    if (keep) s_plan[before + __popc(ballot & ((1u << lane) - 1u))] = entry;
+    plan_sync<THREADS, BAR>(); /* s_count is rewritten by the next batch of candidates */
+    return total;
+}
+
+/*
+ * One planning round, called by all THREADS threads that plan (it holds their barriers):
+ * classifies key tiles jbase .. jbase+ncand-1 of BN keys against query positions [p0, p1]
+ * of a sequence with kv_len keys, and writes the non-empty ones, in ascending order, to
+ * s_plan (FULL_BIT on the tiles that need no mask). Returns their count, the same in every
+ * thread. A full tile becomes partial when a bias applies (the mask-free path adds none)
+ * or when it runs past kv_len (the mask-free path would see the zero rows).
+ * Thread t takes candidates t, t + THREADS, ...
+ */
 template <int BN, int THREADS, int BAR = 0>
 __device__ __forceinline__ int plan_round(const SegView &view, int p0, int p1, int kv_len,
                                           int jbase, int ncand, uint32_t *s_plan,
                                           int32_t *s_count, int tid)
 {
-    const int warp = tid >> 5, lane = tid & 31;
     int nplan = 0;
     for (int c0 = 0; c0 < ncand; c0 += THREADS) {
         const int j = jbase + c0 + tid;
@@ -95,37 +131,51 @@ __device__ __forceinline__ int plan_round(const SegView &view, int p0, int p1, i
             cls = classify_rect(view, p0, p1, k0, k1, &nb);
             if (cls == SF_BLOCK_FULL && (nb || k0 + BN > kv_len)) cls = SF_BLOCK_PARTIAL;
         }
-        const bool keep = cls != SF_BLOCK_EMPTY;
-        const unsigned ballot = __ballot_sync(0xffffffffu, keep);
-        if (lane == 0) s_count[warp] = __popc(ballot);
-        plan_sync<THREADS, BAR>();
-        int before = nplan, total = nplan;
-#pragma unroll
-        for (int w = 0; w < THREADS / 32; ++w) {
-            if (w < warp) before += s_count[w];
-            total += s_count[w];
-        }
-        if (keep)
-            s_plan[before + __popc(ballot & ((1u << lane) - 1u))] =
-                (uint32_t)j | (cls == SF_BLOCK_FULL ? FULL_BIT : 0u);
-        nplan = total;
-        plan_sync<THREADS, BAR>(); /* s_count is rewritten by the next batch of candidates */
+        nplan = append_kept<THREADS, BAR>(cls != SF_BLOCK_EMPTY,
+                                          (uint32_t)j | (cls == SF_BLOCK_FULL ? FULL_BIT : 0u),
+                                          nplan, s_plan, s_count, tid);
     }
     return nplan;
+}
+
+/* One entry of a segment table, loaded into registers ahead of its copy to shared memory. */
+struct TableEntry {
+    int32_t end;
+    uint8_t kind;
+    float bias;
+};
+
+/* Loads entry `tid` of a table of at most cap segments (the first that stage_table copies):
+ * issued before a block's bulk loads, the table no longer queues behind them. */
+__device__ __forceinline__ TableEntry prefetch_table(const SegView &view, int cap, int tid)
+{
+    TableEntry e{0, 0, 0.f};
+    if (view.n <= cap && tid < view.n) {
+        e.end = view.end[tid];
+        e.kind = view.kind[tid];
+        e.bias = view.bias ? view.bias[tid] : 0.f;
+    }
+    return e;
 }
 
 /*
  * Copies a sequence's segment table into shared memory when it has at most cap segments
  * and points the view there (lookups then cost shared loads, not L2 round trips); larger
- * tables stay in global memory. Called by all THREADS threads; the caller's next block
- * barrier makes the copy visible.
+ * tables stay in global memory. Called by all THREADS threads, with the entry that
+ * prefetch_table loaded; the caller's next block barrier makes the copy visible.
  */
 template <int THREADS>
 __device__ __forceinline__ void stage_table(SegView &view, int cap, int32_t *s_end,
-                                            uint8_t *s_kind, float *s_bias, int tid)
+                                            uint8_t *s_kind, float *s_bias, int tid,
+                                            const TableEntry &first)
 {
     if (view.n > cap) return;
-    for (int s = tid; s < view.n; s += THREADS) {
+    if (tid < view.n) {
+        s_end[tid] = first.end;
+        s_kind[tid] = first.kind;
+        s_bias[tid] = first.bias;
+    }
+    for (int s = tid + THREADS; s < view.n; s += THREADS) {
         s_end[s] = view.end[s];
         s_kind[s] = view.kind[s];
         s_bias[s] = view.bias ? view.bias[s] : 0.f;
@@ -133,6 +183,14 @@ __device__ __forceinline__ void stage_table(SegView &view, int cap, int32_t *s_e
     view.end = s_end;
     view.kind = s_kind;
     view.bias = s_bias;
+}
+
+/* The same, loading the first entry itself. */
+template <int THREADS>
+__device__ __forceinline__ void stage_table(SegView &view, int cap, int32_t *s_end,
+                                            uint8_t *s_kind, float *s_bias, int tid)
+{
+    stage_table<THREADS>(view, cap, s_end, s_kind, s_bias, tid, prefetch_table(view, cap, tid));
 }
 
 /* The mask facts of one key: its segment, or -1 when the segment is shared (every later

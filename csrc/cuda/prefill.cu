@@ -54,7 +54,8 @@ __global__ void __launch_bounds__(THREADS, 2) prefill_kernel(const PrefillArgs a
 {
     extern __shared__ __align__(128) uint8_t smem[];
     BlockRows br;
-    if (!block_rows<BM, BN>(a, br)) return;
+    SegRange seg;
+    if (!block_rows<BM, BN>(a, br, seg)) return;
     const int h = br.h, b = br.b, hk = br.hk, i0 = br.i0, p0 = br.p0, p1 = br.p1;
     const int q_len = br.q_len, kv_len = br.kv_len, q_start = br.q_start, k_start = br.k_start;
     const int jlast = br.jlast;
@@ -96,7 +97,7 @@ __global__ void __launch_bounds__(THREADS, 2) prefill_kernel(const PrefillArgs a
     cp_async_commit();
 
     /* The sequence's segment table, staged in shared memory when small. */
-    SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
+    SegView view = view_of_range(a.seg_end, a.seg_kind, a.seg_bias, seg);
     stage_table<THREADS>(view, SEG_CAP, s_end, s_kind, s_bias, tid);
     __syncthreads();
     auto write_facts = [&](int j, int st) {

@@ -16,11 +16,19 @@
  *
  * The grid has 4x the blocks of prefill.cu, a warp computes a quarter of the keys of its
  * block's tiles, and three blocks share an SM (registers held to 168 per thread), so a
- * scheduler has warps to interleave. Everything else is prefill.cu's: the tile plan
- * (plan.cuh: empty tiles never loaded, full tiles without mask arithmetic, the diagonal
- * tile fetched before planning, tiles processed from the diagonal down), the per-key
- * facts of partial tiles in shared memory, K and V read in place (any GQA ratio), rows
- * past q_len never read nor written, keys past kv_len never read.
+ * scheduler has warps to interleave. The plan is prefill.cu's (plan.cuh), made finer: it
+ * classifies each 16-key chunk of a tile, so a chunk no row of the block sees is neither
+ * loaded nor computed (the 16 rows of a short segment see one to three of the chunks of
+ * their tiles), and a chunk every row sees whole runs without mask arithmetic. Otherwise
+ * as prefill.cu: the diagonal tile fetched before planning (its chunks up to the last
+ * row), tiles processed from the diagonal down, the per-key facts of partial tiles in
+ * shared memory, K and V read in place (any GQA ratio), rows past q_len never read nor
+ * written, keys past kv_len never read.
+ *
+ * With all of a short problem's blocks in one wave, every block's prologue is on the
+ * critical path, and the SM's loads queue behind the K/V tiles of its three blocks. So the
+ * first loads (lengths, starts, segment range) go out in one trip to memory, and the
+ * segment table, which the plan waits for, is loaded before the K/V and Q traffic.
  *
  * K/V tiles arrive through a cp.async pipeline of NSTAGE stages loaded by all 128
  * threads: 2 stages at head dim 128 (64 KB, so three blocks fit in an SM's 228 KB),
@@ -69,7 +77,48 @@ struct RowFacts {
     bool glob[2]; /* the segment is global: sees every earlier key, with the keys' bias */
 };
 
-/* Mask of a full tile: every pair allowed, no bias (plan_round guarantees both). */
+/* A step's plan entry: its key tile, and for each 16-key chunk of the tile (warp w's share)
+ * whether any query row of the block sees a key of it (bit SEEN_SHIFT + w) and whether
+ * every row sees every key of it with no bias (bit FULL_SHIFT + w: no mask arithmetic).
+ * A chunk no row sees is neither loaded nor computed: for the rows of a short segment
+ * that is most of their tiles. */
+constexpr int SEEN_SHIFT = 24, FULL_SHIFT = 28;
+constexpr uint32_t TILE_BITS = (1u << SEEN_SHIFT) - 1u;
+static_assert(WARPS == 4 && (TILE_BITS + 1u) * BN >= (1u << 30), "4 chunk bits; keys below 2^30");
+
+/*
+ * One planning round of the whole block: plan.cuh's plan_round, classifying each 16-key
+ * chunk of the ncand tiles from jbase against query positions [p0, p1] instead of whole
+ * tiles. Thread t takes chunk c % 4 of tile jbase + c / 4 (c = c0 + t); the four lanes of a
+ * tile combine their bits by shuffles, and the first keeps the tile when a chunk is seen.
+ * Returns the number of entries written to s_plan, ascending.
+ */
+__device__ __forceinline__ int plan_chunks(const SegView &view, int p0, int p1, int kv_len,
+                                           int jbase, int ncand, uint32_t *s_plan,
+                                           int32_t *s_count, int tid)
+{
+    const int q = tid & 3;
+    int nplan = 0;
+    for (int c0 = 0; c0 < 4 * ncand; c0 += THREADS) {
+        const int c = c0 + tid, j = jbase + c / 4;
+        uint32_t bits = 0;
+        if (c < 4 * ncand) {
+            bool nb;
+            const int k0 = j * BN + q * 16, k1 = min(k0 + 15, kv_len - 1);
+            int cls = classify_rect(view, p0, p1, k0, k1, &nb); /* empty past kv_len */
+            if (cls == SF_BLOCK_FULL && (nb || k0 + 16 > kv_len)) cls = SF_BLOCK_PARTIAL;
+            if (cls != SF_BLOCK_EMPTY) bits |= 1u << (SEEN_SHIFT + q);
+            if (cls == SF_BLOCK_FULL) bits |= 1u << (FULL_SHIFT + q);
+        }
+        bits |= __shfl_xor_sync(0xffffffffu, bits, 1);
+        bits |= __shfl_xor_sync(0xffffffffu, bits, 2);
+        nplan = append_kept<THREADS, 0>(q == 0 && bits != 0, (uint32_t)j | bits, nplan, s_plan,
+                                        s_count, tid);
+    }
+    return nplan;
+}
+
+/* Mask of a full chunk: every pair allowed, no bias (plan_chunks guarantees both). */
 struct FullTileMask {
     float scale_log2;
     __device__ __forceinline__ float operator()(int, int, float s) const { return s * scale_log2; }
@@ -104,9 +153,9 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
     extern __shared__ __align__(128) uint8_t smem[];
     /* The loads that depend on nothing come first, so that their trips to memory overlap:
      * the chain of dependent loads before the first tile is what a short problem waits for. */
-    SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, blockIdx.z);
     BlockRows br;
-    if (!block_rows<BM, BN>(a, br)) return;
+    SegRange seg;
+    if (!block_rows<BM, BN>(a, br, seg)) return;
     const int h = br.h, b = br.b, hk = br.hk, i0 = br.i0, p0 = br.p0, p1 = br.p1;
     const int q_len = br.q_len, kv_len = br.kv_len, q_start = br.q_start, k_start = br.k_start;
     const int jlast = br.jlast;
@@ -124,16 +173,21 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
 
     const uint16_t *kbase = a.k + b * a.k_sb + hk * a.k_sh + (int64_t)k_start * a.k_st;
     const uint16_t *vbase = a.v + b * a.v_sb + hk * a.v_sh + (int64_t)k_start * a.v_st;
-    auto issue_kv = [&](int j, int st) { /* rows past kv_len become zeros, never read */
+    /* the rows of the chunks in `seen`; rows past kv_len become zeros, never read */
+    auto issue_kv = [&](int j, int st, unsigned seen) {
         const uint32_t sk = spipe + st * L::STAGE, sv = sk + L::TILE;
-        load_tile<BN, D, THREADS>(sk, kbase + (int64_t)j * BN * a.k_st, a.k_st, kv_len - j * BN,
-                                  tid);
-        load_tile<BN, D, THREADS>(sv, vbase + (int64_t)j * BN * a.v_st, a.v_st, kv_len - j * BN,
-                                  tid);
+        load_tile<BN, D, THREADS, true>(sk, kbase + (int64_t)j * BN * a.k_st, a.k_st,
+                                        kv_len - j * BN, tid, seen);
+        load_tile<BN, D, THREADS, true>(sv, vbase + (int64_t)j * BN * a.v_st, a.v_st,
+                                        kv_len - j * BN, tid, seen);
     };
 
-    /* The diagonal tile's K/V start flowing before anything else is known. */
-    issue_kv(jlast, 0);
+    /* The segment table goes first: the plan waits for it, while the diagonal tile's K/V
+     * and Q, issued next, are needed only after the plan. */
+    SegView view = view_of_range(a.seg_end, a.seg_kind, a.seg_bias, seg);
+    const TableEntry entry = prefetch_table(view, SEG_CAP, tid);
+    /* the diagonal tile's chunks up to the last row's key: no row sees a later key */
+    issue_kv(jlast, 0, (2u << ((p1 - jlast * BN) / 16)) - 1u);
     cp_async_commit();
 
     /* Q fragments of rows g and g + 8, straight from global memory in the mma A layout
@@ -148,12 +202,14 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
     }
 
     /* The sequence's segment table, staged in shared memory when small. */
-    stage_table<THREADS>(view, SEG_CAP, s_end, s_kind, s_bias, tid);
+    stage_table<THREADS>(view, SEG_CAP, s_end, s_kind, s_bias, tid, entry);
     __syncthreads();
-    auto write_facts = [&](int j, int st) { /* per-key facts of a partial tile */
-        if (tid < BN) {
+    /* Per-key facts of a partial tile, by the last BN threads: warp 0 plans meanwhile. */
+    auto write_facts = [&](int j, int st) {
+        const int col = tid - (THREADS - BN);
+        if (col >= 0) {
             int32_t *fseg = s_facts + st * 2 * BN;
-            key_facts(view, j * BN + tid, &fseg[tid], reinterpret_cast<float *>(fseg + BN) + tid);
+            key_facts(view, j * BN + col, &fseg[col], reinterpret_cast<float *>(fseg + BN) + col);
         }
     };
     write_facts(jlast, 0);
@@ -175,14 +231,15 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
     /* Rounds of at most PLAN_CAP candidate tiles, from the diagonal down to tile 0. */
     for (int jtop = jlast + 1; jtop > 0; jtop -= PLAN_CAP) {
         const int jbase = max(0, jtop - PLAN_CAP);
-        const int nplan = plan_round<BN, THREADS>(view, p0, p1, kv_len, jbase, jtop - jbase,
-                                                  s_plan, s_count, tid);
+        const int nplan =
+            plan_chunks(view, p0, p1, kv_len, jbase, jtop - jbase, s_plan, s_count, tid);
         /* step i takes plan entry nplan - 1 - i: the plan is ascending, the steps descend */
         auto fetch = [&](int i) {
             const uint32_t e = s_plan[nplan - 1 - i];
-            const int j = (int)(e & ~FULL_BIT), st = (n0 + i) % NSTAGE;
-            issue_kv(j, st);
-            if (!(e & FULL_BIT)) write_facts(j, st); /* full tiles need no facts */
+            const int j = (int)(e & TILE_BITS), st = (n0 + i) % NSTAGE;
+            const unsigned seen = (e >> SEEN_SHIFT) & 15u, full = (e >> FULL_SHIFT) & 15u;
+            issue_kv(j, st, seen);
+            if (seen & ~full) write_facts(j, st); /* full chunks need no facts */
         };
         /* NSTAGE - 1 steps in flight before the first is computed (one cp.async group per
          * step, empty past the plan's end, so the group count stays in step); step 0 of
@@ -201,15 +258,15 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
             const uint32_t e = s_plan[nplan - 1 - i];
             const int st = (n0 + i) % NSTAGE;
             const uint32_t sk = spipe + st * L::STAGE, sv = sk + L::TILE;
-            if (e & FULL_BIT) {
-                attend_chunk<T, D, CpAsyncTile<D>>(sk, sv, warp, FullTileMask{a.scale_log2}, qf,
-                                                   m, l, o);
-            } else {
+            if ((e >> (FULL_SHIFT + warp)) & 1u) {
+                attend_chunk<T, D, CpAsyncTile<D>, 2>(sk, sv, warp, FullTileMask{a.scale_log2}, qf,
+                                                      m, l, o);
+            } else if ((e >> (SEEN_SHIFT + warp)) & 1u) {
                 const int32_t *fseg = s_facts + st * 2 * BN;
                 const PartialTileMask mask{fseg, reinterpret_cast<const float *>(fseg + BN),
-                                           (int)(e & ~FULL_BIT) * BN, rows, a.scale_log2};
-                attend_chunk<T, D, CpAsyncTile<D>>(sk, sv, warp, mask, qf, m, l, o);
-            }
+                                           (int)(e & TILE_BITS) * BN, rows, a.scale_log2};
+                attend_chunk<T, D, CpAsyncTile<D>, 2>(sk, sv, warp, mask, qf, m, l, o);
+            } /* else no row of the block sees the warp's chunk of this tile */
         }
         n0 += nplan;
         __syncthreads(); /* the plan buffer and the stages are rewritten by the next round */

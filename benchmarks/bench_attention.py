@@ -5,7 +5,8 @@
 Configs (24 query / 8 KV heads, d=128, bf16): isolated segments plus 16 global tail
 tokens, batch 1 (5x48+16, 5x400+16, 8x1024+16, 16x2048+16), and a packed batch of 32
 questions of 5x(40..60)+16. Methods, all timed as CUDA-graph replays (median of CUDA-event
-timings after warm-up, so launch gaps of the Python callers stay out):
+timings after warm-up, so launch gaps of the Python callers stay out; a replay holds enough
+calls to last at least 0.5 ms, so its own launch latency stays out too):
 
   segflex op      torch.ops.segflex.attention (output allocation + geometry included);
                   the public wrapper adds host-side checks (timed eagerly, JSON only)
@@ -35,8 +36,29 @@ def _torch():
     return torch
 
 
-def bench(fn, inner: int = 10, reps: int = 30, graph: bool = True) -> tuple[float, str]:
-    """Median milliseconds per call of fn: CUDA-graph replays of `inner` calls, else eager."""
+MIN_REPLAY_MS = 0.5  # a replay of the calls timed lasts at least this long
+
+
+def _replay_ms(run) -> float:
+    torch = _torch()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    run()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
+def bench(fn, inner: int | None = None, reps: int = 30, graph: bool = True) -> tuple[float, str]:
+    """Median milliseconds per call of fn: CUDA-graph replays of `inner` calls, else eager.
+
+    The time of a replay includes the latency of launching it (a few microseconds), which
+    is not the calls' own. Unless `inner` is given, a graph of 10 calls whose replay takes
+    less than MIN_REPLAY_MS is captured again with proportionally more calls (at most 500),
+    so that this latency stays a small part of each call's time, the same way for every
+    method."""
+    adapt = inner is None
+    inner = 10 if inner is None else inner
     torch = _torch()
     for _ in range(3):
         fn()
@@ -51,10 +73,20 @@ def bench(fn, inner: int = 10, reps: int = 30, graph: bool = True) -> tuple[floa
                 fn()
             torch.cuda.current_stream().wait_stream(s)
             torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(inner):
-                    fn()
+
+            def capture(n):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for _ in range(n):
+                        fn()
+                return g
+
+            g = capture(inner)
+            g.replay()
+            if adapt and (ms := _replay_ms(g.replay)) < MIN_REPLAY_MS:
+                inner = min(500, math.ceil(inner * MIN_REPLAY_MS / max(ms, 1e-3)))
+                del g
+                g = capture(inner)
             run = g.replay
         except Exception as exc:  # some callers cannot be captured: time them eagerly
             print(f"  (graph capture failed: {type(exc).__name__}: {str(exc)[:80]}; eager)",
@@ -69,14 +101,7 @@ def bench(fn, inner: int = 10, reps: int = 30, graph: bool = True) -> tuple[floa
                 fn()
     run()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / inner)
+    times = [_replay_ms(run) / inner for _ in range(reps)]
     return statistics.median(times), mode
 
 

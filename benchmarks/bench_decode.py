@@ -3,8 +3,8 @@
     python benchmarks/bench_decode.py --device cuda [--json out.json]
 
 One new token per sequence, 24 query / 8 KV heads, d=128, bf16; caches of 256, 2k, 8k and
-32k tokens at batch 1, and 2k at batch 32. Reported: median time (CUDA-graph replays,
-CUDA events), GB/s of K/V read (each cached byte once) and that rate as a fraction of the
+32k tokens at batch 1, and 2k at batch 32. Reported: median time (CUDA-graph replays
+of at least 0.5 ms, CUDA events), GB/s of K/V read (each cached byte once) and that rate as a fraction of the
 device-to-device copy bandwidth measured in the same run (bytes read + bytes written).
 """
 

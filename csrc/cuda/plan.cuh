@@ -29,9 +29,10 @@ struct BlockRows {
 
 /* Fills r for query head h, sequence b and the tile of BM rows that is `from_end` tiles
  * before the last of `tiles`; false when the tile lies past the sequence's q_len (nothing to
- * do). The four lengths and starts are loaded together, before anything depends on them;
- * `pending` is any other value the caller loaded with them (0 if none). */
-template <int BM, int BN>
+ * do). The four lengths and starts are loaded together, before anything depends on them.
+ * With JOIN_LOADS the exit also waits for them all and for `pending` (any other value the
+ * caller loaded with them): see below. */
+template <int BM, int BN, bool JOIN_LOADS = false>
 __device__ __forceinline__ bool rows_at(const AttnArgs &a, int h, int b, int from_end, int tiles,
                                         BlockRows &r, int pending = 0)
 {
@@ -44,8 +45,13 @@ __device__ __forceinline__ bool rows_at(const AttnArgs &a, int h, int b, int fro
     r.i0 = (tiles - 1 - from_end) * BM;
     /* The exit test is i0 >= q_len. The other values are never negative and change nothing,
      * but folded into one sign test they make the exit wait for every load above, so the
-     * assembler cannot sink the loads the exit does not need into a second trip to memory. */
-    if (((r.q_len - 1 - r.i0) | r.kv_len | r.q_start | r.k_start | pending) < 0) return false;
+     * assembler cannot sink the loads the exit does not need into a second trip to memory:
+     * that matters where the block's prologue is its critical path (the grid kernels); the
+     * persistent kernel's producer keeps the plain test. */
+    const bool past = JOIN_LOADS
+                          ? ((r.q_len - 1 - r.i0) | r.kv_len | r.q_start | r.k_start | pending) < 0
+                          : r.i0 >= r.q_len;
+    if (past) return false;
     r.hk = r.h / a.group;
     const int off = r.kv_len - r.q_len; /* position of query row 0 */
     r.p0 = off + r.i0;
@@ -60,7 +66,8 @@ template <int BM, int BN>
 __device__ __forceinline__ bool block_rows(const AttnArgs &a, BlockRows &r, SegRange &seg)
 {
     seg = load_seg_range(a.seg_ptr, blockIdx.z);
-    return rows_at<BM, BN>(a, blockIdx.x, blockIdx.z, blockIdx.y, gridDim.y, r, seg.s0 | seg.s1);
+    return rows_at<BM, BN, true>(a, blockIdx.x, blockIdx.z, blockIdx.y, gridDim.y, r,
+                                 seg.s0 | seg.s1);
 }
 
 /* A plan entry is a key tile index, with this bit set when the tile needs no mask. */
@@ -185,12 +192,20 @@ __device__ __forceinline__ void stage_table(SegView &view, int cap, int32_t *s_e
     view.bias = s_bias;
 }
 
-/* The same, loading the first entry itself. */
+/* The same, loading every entry itself. */
 template <int THREADS>
 __device__ __forceinline__ void stage_table(SegView &view, int cap, int32_t *s_end,
                                             uint8_t *s_kind, float *s_bias, int tid)
 {
-    stage_table<THREADS>(view, cap, s_end, s_kind, s_bias, tid, prefetch_table(view, cap, tid));
+    if (view.n > cap) return;
+    for (int s = tid; s < view.n; s += THREADS) {
+        s_end[s] = view.end[s];
+        s_kind[s] = view.kind[s];
+        s_bias[s] = view.bias ? view.bias[s] : 0.f;
+    }
+    view.end = s_end;
+    view.kind = s_kind;
+    view.bias = s_bias;
 }
 
 /* The mask facts of one key: its segment, or -1 when the segment is shared (every later

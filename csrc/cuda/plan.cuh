@@ -165,6 +165,27 @@ __device__ __forceinline__ TableEntry prefetch_table(const SegView &view, int ca
     return e;
 }
 
+/* Copies entries from, from + THREADS, ... of a table into shared memory. */
+template <int THREADS>
+__device__ __forceinline__ void copy_entries(const SegView &view, int32_t *s_end, uint8_t *s_kind,
+                                             float *s_bias, int from)
+{
+    for (int s = from; s < view.n; s += THREADS) {
+        s_end[s] = view.end[s];
+        s_kind[s] = view.kind[s];
+        s_bias[s] = view.bias ? view.bias[s] : 0.f;
+    }
+}
+
+/* Points a staged view at its copy in shared memory. */
+__device__ __forceinline__ void point_to(SegView &view, int32_t *s_end, uint8_t *s_kind,
+                                         float *s_bias)
+{
+    view.end = s_end;
+    view.kind = s_kind;
+    view.bias = s_bias;
+}
+
 /*
  * Copies a sequence's segment table into shared memory when it has at most cap segments
  * and points the view there (lookups then cost shared loads, not L2 round trips); larger
@@ -182,14 +203,8 @@ __device__ __forceinline__ void stage_table(SegView &view, int cap, int32_t *s_e
         s_kind[tid] = first.kind;
         s_bias[tid] = first.bias;
     }
-    for (int s = tid + THREADS; s < view.n; s += THREADS) {
-        s_end[s] = view.end[s];
-        s_kind[s] = view.kind[s];
-        s_bias[s] = view.bias ? view.bias[s] : 0.f;
-    }
-    view.end = s_end;
-    view.kind = s_kind;
-    view.bias = s_bias;
+    copy_entries<THREADS>(view, s_end, s_kind, s_bias, tid + THREADS);
+    point_to(view, s_end, s_kind, s_bias);
 }
 
 /* The same, loading every entry itself. */
@@ -198,14 +213,8 @@ __device__ __forceinline__ void stage_table(SegView &view, int cap, int32_t *s_e
                                             uint8_t *s_kind, float *s_bias, int tid)
 {
     if (view.n > cap) return;
-    for (int s = tid; s < view.n; s += THREADS) {
-        s_end[s] = view.end[s];
-        s_kind[s] = view.kind[s];
-        s_bias[s] = view.bias ? view.bias[s] : 0.f;
-    }
-    view.end = s_end;
-    view.kind = s_kind;
-    view.bias = s_bias;
+    copy_entries<THREADS>(view, s_end, s_kind, s_bias, tid);
+    point_to(view, s_end, s_kind, s_bias);
 }
 
 /* The mask facts of one key: its segment, or -1 when the segment is shared (every later

@@ -156,9 +156,6 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
     BlockRows br;
     SegRange seg;
     if (!block_rows<BM, BN>(a, br, seg)) return;
-    const int h = br.h, b = br.b, hk = br.hk, i0 = br.i0, p0 = br.p0, p1 = br.p1;
-    const int q_len = br.q_len, kv_len = br.kv_len, q_start = br.q_start, k_start = br.k_start;
-    const int jlast = br.jlast;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, c4 = lane & 3;
@@ -171,15 +168,15 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
     int32_t *s_count = reinterpret_cast<int32_t *>(smem + L::OFF_COUNT);
     uint8_t *s_kind = smem + L::OFF_KIND;
 
-    const uint16_t *kbase = a.k + b * a.k_sb + hk * a.k_sh + (int64_t)k_start * a.k_st;
-    const uint16_t *vbase = a.v + b * a.v_sb + hk * a.v_sh + (int64_t)k_start * a.v_st;
+    const uint16_t *kbase = a.k + br.b * a.k_sb + br.hk * a.k_sh + (int64_t)br.k_start * a.k_st;
+    const uint16_t *vbase = a.v + br.b * a.v_sb + br.hk * a.v_sh + (int64_t)br.k_start * a.v_st;
     /* the rows of the chunks in `seen`; rows past kv_len become zeros, never read */
     auto issue_kv = [&](int j, int st, unsigned seen) {
         const uint32_t sk = spipe + st * L::STAGE, sv = sk + L::TILE;
         load_tile<BN, D, THREADS, true>(sk, kbase + (int64_t)j * BN * a.k_st, a.k_st,
-                                        kv_len - j * BN, tid, seen);
+                                        br.kv_len - j * BN, tid, seen);
         load_tile<BN, D, THREADS, true>(sv, vbase + (int64_t)j * BN * a.v_st, a.v_st,
-                                        kv_len - j * BN, tid, seen);
+                                        br.kv_len - j * BN, tid, seen);
     };
 
     /* The segment table goes first: the plan waits for it, while the diagonal tile's K/V
@@ -187,7 +184,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
     SegView view = view_of_range(a.seg_end, a.seg_kind, a.seg_bias, seg);
     const TableEntry entry = prefetch_table(view, SEG_CAP, tid);
     /* the diagonal tile's chunks up to the last row's key: no row sees a later key */
-    issue_kv(jlast, 0, (2u << ((p1 - jlast * BN) / 16)) - 1u);
+    issue_kv(br.jlast, 0, (2u << ((br.p1 - br.jlast * BN) / 16)) - 1u);
     cp_async_commit();
 
     /* Q fragments of rows g and g + 8, straight from global memory in the mma A layout
@@ -195,9 +192,10 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
      * q_len are zeros and never read. All four warps load the same rows. */
     uint32_t qf[D / 16][4];
     {
-        const uint16_t *qbase = a.q + b * a.q_sb + h * a.q_sh + (int64_t)(q_start + i0 + g) * a.q_st;
+        const uint16_t *qbase =
+            a.q + br.b * a.q_sb + br.h * a.q_sh + (int64_t)(br.q_start + br.i0 + g) * a.q_st;
         const uint16_t *const qrow[2] = {qbase, qbase + 8 * a.q_st};
-        const bool valid[2] = {i0 + g < q_len, i0 + g + 8 < q_len};
+        const bool valid[2] = {br.i0 + g < br.q_len, br.i0 + g + 8 < br.q_len};
         load_q_fragments<D>(qf, qrow, valid);
     }
 
@@ -212,12 +210,12 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
             key_facts(view, j * BN + col, &fseg[col], reinterpret_cast<float *>(fseg + BN) + col);
         }
     };
-    write_facts(jlast, 0);
+    write_facts(br.jlast, 0);
 
     RowFacts rows;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        rows.pos[r] = p0 + g + r * 8;
+        rows.pos[r] = br.p0 + g + r * 8;
         rows.seg[r] = view.seg(rows.pos[r]);
         rows.glob[r] = view.kind_of(rows.seg[r]) == SF_GLOBAL;
     }
@@ -229,10 +227,10 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
     int n0 = 0; /* tiles of the earlier rounds: step i of a round uses stage (n0 + i) % NSTAGE */
 
     /* Rounds of at most PLAN_CAP candidate tiles, from the diagonal down to tile 0. */
-    for (int jtop = jlast + 1; jtop > 0; jtop -= PLAN_CAP) {
+    for (int jtop = br.jlast + 1; jtop > 0; jtop -= PLAN_CAP) {
         const int jbase = max(0, jtop - PLAN_CAP);
         const int nplan =
-            plan_chunks(view, p0, p1, kv_len, jbase, jtop - jbase, s_plan, s_count, tid);
+            plan_chunks(view, br.p0, br.p1, br.kv_len, jbase, jtop - jbase, s_plan, s_count, tid);
         /* step i takes plan entry nplan - 1 - i: the plan is ascending, the steps descend */
         auto fetch = [&](int i) {
             const uint32_t e = s_plan[nplan - 1 - i];
@@ -244,7 +242,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
         /* NSTAGE - 1 steps in flight before the first is computed (one cp.async group per
          * step, empty past the plan's end, so the group count stays in step); step 0 of
          * the first round is the diagonal tile, already on its way. */
-        for (int i = jtop == jlast + 1 ? 1 : 0; i < NSTAGE - 1; ++i) {
+        for (int i = jtop == br.jlast + 1 ? 1 : 0; i < NSTAGE - 1; ++i) {
             if (i < nplan) fetch(i);
             cp_async_commit();
         }
@@ -281,17 +279,18 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
     /* epilogue: normalise and write the valid rows (l is summed over the quad already) */
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int i = i0 + g + r * 8;
-        if (i >= q_len) continue;
+        const int i = br.i0 + g + r * 8;
+        if (i >= br.q_len) continue;
         const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + i) * a.o_st;
+        uint16_t *orow =
+            a.out + br.b * a.o_sb + br.h * a.o_sh + (int64_t)(br.q_start + i) * a.o_st;
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
             const uint32_t pk = Pack2<T>::pack(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
             *reinterpret_cast<uint32_t *>(orow + n * 8 + 2 * c4) = pk;
         }
         if (a.lse != nullptr && c4 == 0)
-            a.lse[b * a.lse_sb + h * a.lse_sh + q_start + i] =
+            a.lse[br.b * a.lse_sb + br.h * a.lse_sh + br.q_start + i] =
                 l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
     }
 }

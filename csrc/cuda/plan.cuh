@@ -81,16 +81,6 @@ template <int THREADS, int BAR> __device__ __forceinline__ void plan_sync()
     else asm volatile("bar.sync %0, %1;\n" ::"n"(BAR), "n"(THREADS) : "memory");
 }
 
-/*
- * One planning round, called by all THREADS threads that plan (it holds their barriers):
- * classifies key tiles jbase .. jbase+ncand-1 of BN keys against query positions [p0, p1]
- * of a sequence with kv_len keys, and writes the non-empty ones, in ascending order, to
- * s_plan (FULL_BIT on the tiles that need no mask). Returns their count, the same in every
- * thread. A full tile becomes partial when a bias applies (the mask-free path adds none)
- * or when it runs past kv_len (the mask-free path would see the zero rows).
- * s_count: THREADS / 32 ints of shared memory. Thread t takes candidates t, t + THREADS,
- * ...; each warp's keepers are compacted with a ballot, the warps' counts meet in s_count.
- */
 /* Appends the entries of the threads that keep one to s_plan after its first nplan, in
  * thread order, and returns the new count (the same in every thread). Called by all THREADS
  * threads that plan; each warp's keepers are compacted with a ballot, the warps' counts

@@ -73,6 +73,12 @@ __device__ __forceinline__ bool block_rows(const AttnArgs &a, BlockRows &r, SegR
 /* A plan entry is a key tile index, with this bit set when the tile needs no mask. */
 constexpr uint32_t FULL_BIT = 0x80000000u;
 
+/* The plan entry of a non-empty tile j of class cls (SF_BLOCK_FULL or SF_BLOCK_PARTIAL). */
+__device__ __forceinline__ uint32_t plan_entry(int j, int cls)
+{
+    return (uint32_t)j | (cls == SF_BLOCK_FULL ? FULL_BIT : 0u);
+}
+
 /* Barrier over the THREADS threads that plan: the whole block (BAR = 0), or, for a
  * warp-specialised block where one warpgroup plans alone, named barrier BAR. */
 template <int THREADS, int BAR> __device__ __forceinline__ void plan_sync()
@@ -128,9 +134,8 @@ __device__ __forceinline__ int plan_round(const SegView &view, int p0, int p1, i
             cls = classify_rect(view, p0, p1, k0, k1, &nb);
             if (cls == SF_BLOCK_FULL && (nb || k0 + BN > kv_len)) cls = SF_BLOCK_PARTIAL;
         }
-        nplan = append_kept<THREADS, BAR>(cls != SF_BLOCK_EMPTY,
-                                          (uint32_t)j | (cls == SF_BLOCK_FULL ? FULL_BIT : 0u),
-                                          nplan, s_plan, s_count, tid);
+        nplan = append_kept<THREADS, BAR>(cls != SF_BLOCK_EMPTY, plan_entry(j, cls), nplan, s_plan,
+                                          s_count, tid);
     }
     return nplan;
 }

@@ -15,18 +15,22 @@
  *
  * The producer runs up to one item ahead: while the consumers finish an item, the next
  * one's plan, Q and first tiles are already on their way. It hands registers to the
- * consumers (setmaxnreg: 56 / 224 per thread). The tile plan is the one of prefill.cu
+ * consumers (setmaxnreg: 88 / 200 per thread). The tile plan is the one of prefill.cu
  * (plan.cuh): before touching K/V the producer classifies every key tile at or before the
  * item's last query from the segment table (classify_rect); empty tiles never enter the
  * plan, full tiles run without mask arithmetic, partial tiles evaluate the mask and bias
- * in registers. Tiles are processed from the diagonal down. S = Q K^T is wgmma with both operands in shared
- * memory; O += P V is wgmma with P in registers (the S accumulator converted in
- * place) and V in shared memory read N-major (the transpose bit). Softmax is
- * online, fp32, base 2. Each warpgroup issues Q K^T of tile n + 1 and then P V of
- * tile n as one batch and starts the softmax of tile n + 1 as soon as its scores are in,
- * while its P V still runs; the two warpgroups take turns issuing their batches (named
- * barriers), so one warpgroup's softmax also runs while the tensor cores work on the
- * other's products. K and V of a stage are released separately (K once its scores are
+ * in registers. An item with no global row and no shared segment before its rows skips
+ * the classification: its plan is a range of tiles (SimplePlan), which takes the plan off
+ * the producer's path between two items. Tiles are processed from the diagonal down.
+ * S = Q K^T is wgmma with both operands in shared memory; O += P V is wgmma with P in
+ * registers (the S accumulator converted in place) and V in shared memory read N-major
+ * (the transpose bit). Softmax is online, fp32, base 2. Each warpgroup issues Q K^T of
+ * tile n + 1 and P V of tile n as one batch; the two warpgroups take turns issuing their
+ * batches (named barriers), so one warpgroup's softmax runs while the tensor cores work on
+ * the other's products. (The assembler places the wait for P V at the top of the softmax,
+ * since that wait names no register. A build that pinned it below the softmax, so that
+ * the softmax also overlapped the warpgroup's own P V, measured 3-5% slower on an H100.)
+ * K and V of a stage are released separately (K once its scores are
  * in, V once P V is done), so the producer refills K half a step earlier.
  *
  * Why cp.async and not TMA: a tensor map needs the extent of the key axis, and
@@ -87,11 +91,12 @@ constexpr int CONSUMERS = 256;       /* warpgroups 0 and 1 */
 constexpr int PRODUCERS = 128;       /* warpgroup 2 */
 constexpr int THREADS = CONSUMERS + PRODUCERS;
 /* Registers per thread after the split (setmaxnreg). The block starts at 65536 / 384
- * = 168 (rounded down to 8) for everyone; the producer gives back down to 56, which
- * frees 112 x 128 registers, exactly the 56 x 256 the consumers take to reach 224.
- * Per SM quarter (3 warps: one of each warpgroup): 56 + 2 x 224 = 504 <= 512. */
-constexpr int PRODUCER_REGS = 56;
-constexpr int CONSUMER_REGS = 224;
+ * = 168 (rounded down to 8) for everyone; the producer gives back down to 88, which
+ * frees 80 x 128 registers, more than the 32 x 256 the consumers take to reach 200.
+ * (A 56 / 224 split left the producer spilling on its path from one item to the next,
+ * which the consumers wait on: 16x2048+16 took 2.5% longer on an H100.) */
+constexpr int PRODUCER_REGS = 88;
+constexpr int CONSUMER_REGS = 200;
 constexpr int PLAN_CAP = 512;        /* key tiles classified per planning round */
 constexpr int SEG_CAP = 1024;        /* segment tables up to this size are staged in smem */
 
@@ -307,6 +312,45 @@ __device__ __forceinline__ void producer_sync()
     asm volatile("bar.sync %0, %1;\n" ::"n"(PRODUCER_BAR), "n"(PRODUCERS) : "memory");
 }
 
+/* Whether x holds in any thread of the producer warpgroup (a barrier of it). */
+__device__ __forceinline__ bool producer_any(bool x)
+{
+    uint32_t r;
+    asm volatile("{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n"
+                 " barrier.red.or.pred q, %2, %3, p;\n selp.u32 %0, 1, 0, q;\n}\n"
+                 : "=r"(r)
+                 : "r"((uint32_t)x), "n"(PRODUCER_BAR), "n"(PRODUCERS)
+                 : "memory");
+    return r != 0;
+}
+
+/*
+ * The plan of a work item whose rows are none of them global, with no shared segment
+ * before the first row's segment sg0. Such rows see a key iff it precedes them and lies in
+ * their own segment or a shared one, so every key from sg0's start to the last row is seen
+ * by some row (a key of sg0 by the first row, a later one by the row at its own position)
+ * and nothing before sg0's start is: the plan is every tile from the one holding sg0's
+ * start to the diagonal, none of them empty. As classify_rect decides, a tile is full when
+ * all its keys lie in sg0 before the first row and every row sees sg0 (one segment for all
+ * rows, or sg0 shared); as plan_round requires, only within kv_len. No row is global, so no
+ * bias applies. Those full tiles form one range, [full_lo, full_hi].
+ */
+struct SimplePlan {
+    int jlo, full_lo, full_hi; /* tiles jlo .. the diagonal; full ones */
+    __device__ __forceinline__ uint32_t entry(int j) const
+    {
+        return plan_entry(j, j >= full_lo && j <= full_hi ? SF_BLOCK_FULL : SF_BLOCK_PARTIAL);
+    }
+};
+template <int BN>
+__device__ __forceinline__ SimplePlan simple_plan(const SegView &view, const BlockRows &br, int sg0,
+                                                  int sg1)
+{
+    const int k_lo = sg0 > 0 ? view.end_of(sg0 - 1) : 0;
+    const bool one = sg0 == sg1 || view.kind_of(sg0) == SF_SHARED;
+    return SimplePlan{k_lo / BN, (k_lo + BN - 1) / BN, one ? min(br.p0 + 1, br.kv_len) / BN - 1 : -1};
+}
+
 /* ------------------------------------------------------------ the producer */
 
 /*
@@ -363,8 +407,16 @@ __device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, in
             hd.p0 = br.p0;
         }
         const int sg = view.seg(br.p0 + pt);
-        hd.rows[pt] = sg | (view.kind_of(sg) == SF_GLOBAL ? ROW_GLOBAL : 0);
+        const bool row_global = view.kind_of(sg) == SF_GLOBAL;
+        hd.rows[pt] = sg | (row_global ? ROW_GLOBAL : 0);
         mbar_arrive(sm.bar(HDR_FULL, hs));
+        /* Whether the item's tiles need classifying: they do when a row is global or a
+         * shared segment lies before the first row's; otherwise the plan is a range of
+         * tiles (SimplePlan). */
+        const int sg0 = view.seg(br.p0), sg1 = view.seg(br.p1);
+        bool classify = br.p0 + pt <= br.p1 && row_global;
+        for (int s = pt; s < sg0 && !classify; s += PRODUCERS) classify = view.kind_of(s) == SF_SHARED;
+        classify = producer_any(classify);
 
         const int kv_len = br.kv_len;
         const uint16_t *kbase = a.k + br.b * a.k_sb + br.hk * a.k_sh + (int64_t)br.k_start * a.k_st;
@@ -392,12 +444,21 @@ __device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, in
         cp_async_commit();
         issue_step(br.jlast, -1, n & 1, n >> 1);
 
+        const SimplePlan sp = classify ? SimplePlan{0, 0, -1} : simple_plan<BN>(view, br, sg0, sg1);
+
         bool first = true;
-        for (int jtop = br.jlast + 1; jtop > 0; jtop -= PLAN_CAP) {
-            const int jbase = max(0, jtop - PLAN_CAP);
-            const int nplan = plan_round<BN, PRODUCERS, PRODUCER_BAR>(
-                view, br.p0, br.p1, kv_len, jbase, jtop - jbase, s_plan, sm.count(), pt);
-            const uint32_t close = CLOSE_BIT | (jbase == 0 ? LAST_BIT : 0u);
+        for (int jtop = br.jlast + 1; jtop > sp.jlo; jtop -= PLAN_CAP) {
+            /* a planning round: the non-empty tiles of [jbase, jtop), ascending, in s_plan */
+            const int jbase = max(sp.jlo, jtop - PLAN_CAP);
+            int nplan = jtop - jbase;
+            if (classify) {
+                nplan = plan_round<BN, PRODUCERS, PRODUCER_BAR>(view, br.p0, br.p1, kv_len, jbase,
+                                                                nplan, s_plan, sm.count(), pt);
+            } else {
+                for (int c = pt; c < nplan; c += PRODUCERS) s_plan[c] = sp.entry(jbase + c);
+                producer_sync();
+            }
+            const uint32_t close = CLOSE_BIT | (jbase == sp.jlo ? LAST_BIT : 0u);
             for (int i = 0; i <= nplan; ++i, ++n) {
                 const int st = n & 1, use = n >> 1;
                 const uint32_t ek = i < nplan ? s_plan[nplan - 1 - i] : close;
@@ -429,6 +490,10 @@ __device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, in
 }
 
 /* ------------------------------------------------------------ the consumers */
+
+template <bool B> struct Flag {
+    static constexpr bool value = B;
+};
 
 template <typename T>
 __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, int tid)
@@ -551,16 +616,20 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
             const uint32_t e = __shfl_sync(0xffffffffu, s_entry[st], 0);
             if (e & CLOSE_BIT) { /* closing step: P V of the round's last tile */
                 turn_wait();
-                fence_regs<32>(o[0]);
-                fence_regs<32>(o[1]);
-                fence_regs<BN / 4>(&pa[0][0]);
-                wgmma_fence();
-                if (pending) issue_pv(st);
-                wgmma_commit();
-                turn_pass();
-                wgmma_wait<0>();
-                fence_regs<32>(o[0]);
-                fence_regs<32>(o[1]);
+                if (pending) { /* (a round whose tiles were all empty has none) */
+                    fence_regs<32>(o[0]);
+                    fence_regs<32>(o[1]);
+                    fence_regs<BN / 4>(&pa[0][0]);
+                    wgmma_fence();
+                    issue_pv(st);
+                    wgmma_commit();
+                    turn_pass();
+                    wgmma_wait<0>();
+                    fence_regs<32>(o[0]);
+                    fence_regs<32>(o[1]);
+                } else {
+                    turn_pass();
+                }
                 mbar_arrive(sm.bar(EMPTY_K, st));
                 mbar_arrive(sm.bar(EMPTY_V, st));
                 ++n;
@@ -568,118 +637,132 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
                 if (e & LAST_BIT) break;
                 continue;
             }
-            /* S = Q K^T of this step's tile and P V of the previous one, issued in that
-             * order as one turn; the softmax runs once S is in, while P V still runs.
-             * (The Q K^T issue is unconditional: ptxas serialises the wgmma pipeline when
-             * an accumulator may or may not have been defined by one.) */
-            const int j = (int)(e & ~FULL_BIT);
-            const bool full = (e & FULL_BIT) != 0;
-            turn_wait();
-            fence_regs<64>(s);
-            fence_regs<32>(o[0]);
-            fence_regs<32>(o[1]);
-            fence_regs<BN / 4>(&pa[0][0]);
-            wgmma_fence();
-            issue_qk(st);
-            wgmma_commit();
-            if (pending) issue_pv(st);
-            wgmma_commit();
-            turn_pass();
-            wgmma_wait<1>(); /* S is in */
-            fence_regs<64>(s);
-            mbar_arrive(sm.bar(EMPTY_K, st));
-            /* Full tiles keep raw scores (scaled inside the exponential); partial tiles get
-             * the scale, mask and bias here, in base 2. */
-            float sc = a.scale_log2;
-            if (!full) {
-                sc = 1.f;
-                const int32_t *fseg = sm.facts(n);
-                const float *fbias = reinterpret_cast<const float *>(fseg + BN);
+            /* One tile step, with the P V of the previous tile or (the first step of a
+             * round) without. The two are separate code, so that every wgmma group is
+             * unconditional: a group that may be empty is closed by a dummy wgmma, and
+             * the wait for the scores then waits for P V too, holding back the release
+             * of K and the mask arithmetic of a partial tile (8x1024+16: 3.5% slower). */
+            auto tile_step = [&](auto with_pv) {
+                /* S = Q K^T of this step's tile and P V of the previous one, issued in that
+                 * order as one turn; K is released and the mask applied once S is in.
+                 * (The Q K^T issue is unconditional: ptxas serialises the wgmma pipeline when
+                 * an accumulator may or may not have been defined by one.) */
+                const int j = (int)(e & ~FULL_BIT);
+                const bool full = (e & FULL_BIT) != 0;
+                turn_wait();
+                fence_regs<64>(s);
+                fence_regs<32>(o[0]);
+                fence_regs<32>(o[1]);
+                fence_regs<BN / 4>(&pa[0][0]);
+                wgmma_fence();
+                issue_qk(st);
+                wgmma_commit();
+                if constexpr (decltype(with_pv)::value) {
+                    issue_pv(st);
+                    wgmma_commit();
+                    turn_pass();
+                    wgmma_wait<1>(); /* S is in */
+                } else {
+                    turn_pass();
+                    wgmma_wait<0>();
+                }
+                fence_regs<64>(s);
+                mbar_arrive(sm.bar(EMPTY_K, st));
+                /* Full tiles keep raw scores (scaled inside the exponential); partial tiles get
+                 * the scale, mask and bias here, in base 2. */
+                float sc = a.scale_log2;
+                if (!full) {
+                    sc = 1.f;
+                    const int32_t *fseg = sm.facts(n);
+                    const float *fbias = reinterpret_cast<const float *>(fseg + BN);
 #pragma unroll
-                for (int nb = 0; nb < BN / 8; ++nb) {
+                    for (int nb = 0; nb < BN / 8; ++nb) {
 #pragma unroll
-                    for (int y = 0; y < 2; ++y) {
-                        const int col = nb * 8 + 2 * c4 + y;
-                        const int key = j * BN + col;
-                        const int ks = fseg[col];
-                        const float kb = fbias[col];
+                        for (int y = 0; y < 2; ++y) {
+                            const int col = nb * 8 + 2 * c4 + y;
+                            const int key = j * BN + col;
+                            const int ks = fseg[col];
+                            const float kb = fbias[col];
 #pragma unroll
-                        for (int r = 0; r < 2; ++r) {
-                            const bool ok = key <= qpos[r] && (qglob[r] || ks == qseg[r] || ks < 0);
-                            const float bias = qglob[r] ? kb : 0.f;
-                            float &x = s[nb * 4 + r * 2 + y];
-                            x = ok ? x * a.scale_log2 + bias : -INFINITY;
+                            for (int r = 0; r < 2; ++r) {
+                                const bool ok = key <= qpos[r] && (qglob[r] || ks == qseg[r] || ks < 0);
+                                const float bias = qglob[r] ? kb : 0.f;
+                                float &x = s[nb * 4 + r * 2 + y];
+                                x = ok ? x * a.scale_log2 + bias : -INFINITY;
+                            }
                         }
                     }
                 }
-            }
 
-            /* online softmax over this thread's two rows (a quad of lanes shares a row) */
-            float m_new[2];
-            bool move = false;
+                /* online softmax over this thread's two rows (a quad of lanes shares a row) */
+                float m_new[2];
+                bool move = false;
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                /* four independent chains: the maximum is on the critical path */
-                float mx[4];
+                for (int r = 0; r < 2; ++r) {
+                    /* four independent chains: the maximum is on the critical path */
+                    float mx[4];
 #pragma unroll
-                for (int c = 0; c < 4; ++c) mx[c] = fmaxf(s[c * 4 + 2 * r], s[c * 4 + 2 * r + 1]);
+                    for (int c = 0; c < 4; ++c) mx[c] = fmaxf(s[c * 4 + 2 * r], s[c * 4 + 2 * r + 1]);
 #pragma unroll
-                for (int nb = 4; nb < BN / 8; ++nb)
-                    mx[nb & 3] = fmaxf(mx[nb & 3], fmaxf(s[nb * 4 + 2 * r], s[nb * 4 + 2 * r + 1]));
-                const float mt = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
-                m_new[r] = fmaxf(m[r], quad_max(mt) * sc); /* sc > 0 keeps the order */
-                move |= m_new[r] > m[r];
-            }
-            /* O and l are rescaled only when the maximum of some row of the warp moved (a
-             * warp-uniform branch): after the first tiles it rarely does. (Keeping a stale
-             * maximum for longer, up to a gap, would skip more rescales, but then the
-             * largest exponential of a row is no longer exactly 1 and the error of a
-             * sharply peaked row grows measurably; it saved no time here.) */
-            move = __any_sync(0xffffffffu, move);
-            float alpha[2] = {1.f, 1.f};
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                if (move) { /* alpha: 1 when unchanged, 0 from -inf (and for a row still empty) */
-                    alpha[r] = fast_exp2(m[r] - (m_new[r] == -INFINITY ? 0.f : m_new[r]));
-                    m[r] = m_new[r];
+                    for (int nb = 4; nb < BN / 8; ++nb)
+                        mx[nb & 3] = fmaxf(mx[nb & 3], fmaxf(s[nb * 4 + 2 * r], s[nb * 4 + 2 * r + 1]));
+                    const float mt = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
+                    m_new[r] = fmaxf(m[r], quad_max(mt) * sc); /* sc > 0 keeps the order */
+                    move |= m_new[r] > m[r];
                 }
-                const float mbase = m[r] == -INFINITY ? 0.f : m[r];
-                float sum[4] = {0.f, 0.f, 0.f, 0.f};
+                /* O and l are rescaled only when the maximum of some row of the warp moved (a
+                 * warp-uniform branch): after the first tiles it rarely does. (Keeping a stale
+                 * maximum for longer, up to a gap, would skip more rescales, but then the
+                 * largest exponential of a row is no longer exactly 1 and the error of a
+                 * sharply peaked row grows measurably; it saved no time here.) */
+                move = __any_sync(0xffffffffu, move);
+                float alpha[2] = {1.f, 1.f};
 #pragma unroll
-                for (int nb = 0; nb < BN / 8; ++nb) {
-                    float &x0 = s[nb * 4 + 2 * r], &x1 = s[nb * 4 + 2 * r + 1];
-                    x0 = fast_exp2(fmaf(x0, sc, -mbase));
-                    x1 = fast_exp2(fmaf(x1, sc, -mbase));
-                    sum[nb & 3] += x0 + x1;
-                }
-                l[r] = l[r] * alpha[r] + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
-            }
-
-            wgmma_wait<0>(); /* P V of the previous tile is done: O and pa are free */
-            fence_regs<32>(o[0]);
-            fence_regs<32>(o[1]);
-            fence_regs<BN / 4>(&pa[0][0]);
-            mbar_arrive(sm.bar(EMPTY_V, st));
-            if (move) {
-#pragma unroll
-                for (int hd2 = 0; hd2 < 2; ++hd2)
-#pragma unroll
-                    for (int nb = 0; nb < 8; ++nb) {
-                        o[hd2][nb * 4 + 0] *= alpha[0];
-                        o[hd2][nb * 4 + 1] *= alpha[0];
-                        o[hd2][nb * 4 + 2] *= alpha[1];
-                        o[hd2][nb * 4 + 3] *= alpha[1];
+                for (int r = 0; r < 2; ++r) {
+                    if (move) { /* alpha: 1 when unchanged, 0 from -inf (and for a row still empty) */
+                        alpha[r] = fast_exp2(m[r] - (m_new[r] == -INFINITY ? 0.f : m_new[r]));
+                        m[r] = m_new[r];
                     }
-            }
-
-            /* P as the A fragments of 8 k-steps of 16 keys; its P V runs in the next step */
+                    const float mbase = m[r] == -INFINITY ? 0.f : m[r];
+                    float sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-            for (int t = 0; t < BN / 16; ++t) {
-                pa[t][0] = Pack2<T>::pack(s[8 * t + 0], s[8 * t + 1]);
-                pa[t][1] = Pack2<T>::pack(s[8 * t + 2], s[8 * t + 3]);
-                pa[t][2] = Pack2<T>::pack(s[8 * t + 4], s[8 * t + 5]);
-                pa[t][3] = Pack2<T>::pack(s[8 * t + 6], s[8 * t + 7]);
-            }
+                    for (int nb = 0; nb < BN / 8; ++nb) {
+                        float &x0 = s[nb * 4 + 2 * r], &x1 = s[nb * 4 + 2 * r + 1];
+                        x0 = fast_exp2(fmaf(x0, sc, -mbase));
+                        x1 = fast_exp2(fmaf(x1, sc, -mbase));
+                        sum[nb & 3] += x0 + x1;
+                    }
+                    l[r] = l[r] * alpha[r] + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
+                }
+
+                wgmma_wait<0>(); /* P V of the previous tile is done: O and pa are free */
+                fence_regs<32>(o[0]);
+                fence_regs<32>(o[1]);
+                fence_regs<BN / 4>(&pa[0][0]);
+                mbar_arrive(sm.bar(EMPTY_V, st));
+                if (move) {
+#pragma unroll
+                    for (int hd2 = 0; hd2 < 2; ++hd2)
+#pragma unroll
+                        for (int nb = 0; nb < 8; ++nb) {
+                            o[hd2][nb * 4 + 0] *= alpha[0];
+                            o[hd2][nb * 4 + 1] *= alpha[0];
+                            o[hd2][nb * 4 + 2] *= alpha[1];
+                            o[hd2][nb * 4 + 3] *= alpha[1];
+                        }
+                }
+
+                /* P as the A fragments of 8 k-steps of 16 keys; its P V runs in the next step */
+#pragma unroll
+                for (int t = 0; t < BN / 16; ++t) {
+                    pa[t][0] = Pack2<T>::pack(s[8 * t + 0], s[8 * t + 1]);
+                    pa[t][1] = Pack2<T>::pack(s[8 * t + 2], s[8 * t + 3]);
+                    pa[t][2] = Pack2<T>::pack(s[8 * t + 4], s[8 * t + 5]);
+                    pa[t][3] = Pack2<T>::pack(s[8 * t + 6], s[8 * t + 7]);
+                }
+            };
+            if (pending) tile_step(Flag<true>{});
+            else tile_step(Flag<false>{});
             ++n;
             pending = true;
         }

@@ -530,6 +530,12 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
             WgmmaOps<T>::qk(s, desc(lo_q, HI_KMAJOR, (kk >> 2) * HALF_Q + (kk & 3) * 32),
                             desc(lo_k, HI_KMAJOR, (kk >> 2) * HALF_T + (kk & 3) * 32), kk > 0);
     };
+    /* keeps the compiler from moving accesses of P V's registers across its issue or wait */
+    auto fence_pv_operands = [&] {
+        fence_regs<32>(o[0]);
+        fence_regs<32>(o[1]);
+        fence_regs<BN / 4>(&pa[0][0]);
+    };
     /* O += P V for the P held in pa, V of stage st */
     auto issue_pv = [&](int st) {
         const uint32_t lo_v = lo_v0 + st * (STAGE >> 4);
@@ -617,9 +623,7 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
             if (e & CLOSE_BIT) { /* closing step: P V of the round's last tile */
                 turn_wait();
                 if (pending) { /* (a round whose tiles were all empty has none) */
-                    fence_regs<32>(o[0]);
-                    fence_regs<32>(o[1]);
-                    fence_regs<BN / 4>(&pa[0][0]);
+                    fence_pv_operands();
                     wgmma_fence();
                     issue_pv(st);
                     wgmma_commit();
@@ -651,9 +655,7 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
                 const bool full = (e & FULL_BIT) != 0;
                 turn_wait();
                 fence_regs<64>(s);
-                fence_regs<32>(o[0]);
-                fence_regs<32>(o[1]);
-                fence_regs<BN / 4>(&pa[0][0]);
+                fence_pv_operands();
                 wgmma_fence();
                 issue_qk(st);
                 wgmma_commit();
@@ -736,9 +738,7 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
                 }
 
                 wgmma_wait<0>(); /* P V of the previous tile is done: O and pa are free */
-                fence_regs<32>(o[0]);
-                fence_regs<32>(o[1]);
-                fence_regs<BN / 4>(&pa[0][0]);
+                fence_pv_operands();
                 mbar_arrive(sm.bar(EMPTY_V, st));
                 if (move) {
 #pragma unroll

@@ -122,11 +122,19 @@ static_assert(OFF_KV % 1024 == 0 && STAGE % 1024 == 0 && HALF_T % 1024 == 0 && Q
 /* ------------------------------------------------------------ PTX wrappers
  * (the mbarrier ones are in common.cuh) */
 
-/* Orders this thread's generic-proxy shared-memory writes (cp.async results included,
- * once waited for) before later async-proxy reads (wgmma operands). */
+/* Orders generic-proxy shared-memory writes that this thread has observed (its own, or
+ * cp.async results whose completion it saw through an mbarrier) before its later
+ * async-proxy reads (wgmma operands). */
 __device__ __forceinline__ void fence_proxy_async()
 {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+/* An arrival on the mbarrier once every cp.async this thread has issued so far has landed
+ * (.noinc: the barrier's count includes these arrivals). The thread goes on at once. */
+__device__ __forceinline__ void cp_async_arrive(uint32_t bar)
+{
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -421,19 +429,20 @@ __device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, in
         const int kv_len = br.kv_len;
         const uint16_t *kbase = a.k + br.b * a.k_sb + br.hk * a.k_sh + (int64_t)br.k_start * a.k_st;
         const uint16_t *vbase = a.v + br.b * a.v_sb + br.hk * a.v_sh + (int64_t)br.k_start * a.v_st;
-        /* the copies of one step, two cp.async groups (K, then V; a group stays empty
-         * when its tile index is negative); each half of the stage first waits until the
-         * consumers are done with it (from its second use on) */
+        /* The copies of one step: K, then V (none when the tile index is negative). Each
+         * half of the stage first waits until the consumers are done with it (from its
+         * second use on); its full barrier gets this thread's arrival when the copies
+         * have landed, so the producer never waits for its own loads. */
         auto issue_step = [&](int jk, int jv, int st, int use) {
             const uint32_t sk = sm.kv(st), sv = sk + 2 * HALF_T;
             if (use > 0) mbar_wait(sm.bar(EMPTY_K, st), (use - 1) & 1);
             if (jk >= 0)
                 load_rows_sw128<BN>(sk, kbase + (int64_t)jk * BN * a.k_st, a.k_st, kv_len - jk * BN, pt);
-            cp_async_commit();
+            cp_async_arrive(sm.bar(FULL_K, st));
             if (use > 0) mbar_wait(sm.bar(EMPTY_V, st), (use - 1) & 1);
             if (jv >= 0)
                 load_rows_sw128<BN>(sv, vbase + (int64_t)jv * BN * a.v_st, a.v_st, kv_len - jv * BN, pt);
-            cp_async_commit();
+            cp_async_arrive(sm.bar(FULL_V, st));
         };
 
         /* Q, and the diagonal tile's K, before the plan is known */
@@ -441,7 +450,7 @@ __device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, in
         if (qu > 0) mbar_wait(sm.bar(Q_EMPTY, qs), (qu - 1) & 1);
         const uint16_t *qbase = a.q + br.b * a.q_sb + br.h * a.q_sh + (int64_t)(br.q_start + br.i0) * a.q_st;
         load_rows_sw128<BM>(sm.q(qs), qbase, a.q_st, br.q_len - br.i0, pt); /* past q_len: zeros */
-        cp_async_commit();
+        cp_async_arrive(sm.bar(Q_FULL, qs));
         issue_step(br.jlast, -1, n & 1, n >> 1);
 
         const SimplePlan sp = classify ? SimplePlan{0, 0, -1} : simple_plan<BN>(view, br, sg0, sg1);
@@ -470,18 +479,12 @@ __device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, in
                     key_facts(view, jk * BN + pt, &fseg[pt], reinterpret_cast<float *>(fseg + BN) + pt);
                 }
                 if (pt == 0) s_entry[st] = ek;
-                /* K landed (V may still fly): make it visible to the tensor cores, signal */
-                cp_async_wait<1>();
-                fence_proxy_async();
-                if (first) mbar_arrive(sm.bar(Q_FULL, qs)); /* Q was the group before K */
                 first = false;
-                mbar_arrive(sm.bar(FULL_K, st));
-                cp_async_wait<0>();
-                fence_proxy_async();
-                mbar_arrive(sm.bar(FULL_V, st));
+                mbar_arrive(sm.bar(FULL_K, st)); /* the facts and the entry (release) */
             }
         }
     }
+    asm volatile("cp.async.wait_all;\n" ::: "memory"); /* no copy outlives its thread */
     /* Every block takes items until one past the end; the last to do so resets the pair. */
     if (pt == 0 && atomicAdd(sched + 1, 1) == (int)gridDim.x - 1) {
         sched[0] = 0;
@@ -590,6 +593,7 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
 
         const int qs = hs;
         mbar_wait(sm.bar(Q_FULL, qs), (k >> 1) & 1);
+        fence_proxy_async(); /* the copies' bytes, seen by the tensor cores */
         /* An item of at most 64 valid rows (a sequence's last, such as a global tail of 16
          * queries that sees every key) leaves warpgroup 1 without rows: it only paces
          * itself through the item's steps, releasing each stage, and warpgroup 0 works
@@ -619,6 +623,7 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
             const int st = n & 1, use = n >> 1;
             mbar_wait(sm.bar(FULL_K, st), use & 1);
             mbar_wait(sm.bar(FULL_V, st), use & 1);
+            fence_proxy_async(); /* the copies' bytes, seen by the tensor cores */
             const uint32_t e = __shfl_sync(0xffffffffu, s_entry[st], 0);
             if (e & CLOSE_BIT) { /* closing step: P V of the round's last tile */
                 turn_wait();
@@ -809,7 +814,8 @@ __global__ void __launch_bounds__(THREADS, 1)
 
     if (tid == 0) {
         for (int i = 0; i < 2; ++i) {
-            mbar_init(sm.bar(FULL_K, i), PRODUCERS);
+            /* FULL_K: each producer thread's copies and its facts; FULL_V, Q_FULL: copies */
+            mbar_init(sm.bar(FULL_K, i), 2 * PRODUCERS);
             mbar_init(sm.bar(FULL_V, i), PRODUCERS);
             mbar_init(sm.bar(EMPTY_K, i), CONSUMERS);
             mbar_init(sm.bar(EMPTY_V, i), CONSUMERS);

@@ -464,6 +464,7 @@ __device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, in
                 nplan = plan_round<BN, PRODUCERS, PRODUCER_BAR>(view, br.p0, br.p1, kv_len, jbase,
                                                                 nplan, s_plan, sm.count(), pt);
             } else {
+                producer_sync(); /* every thread is done reading the last round's s_plan */
                 for (int c = pt; c < nplan; c += PRODUCERS) s_plan[c] = sp.entry(jbase + c);
                 producer_sync();
             }

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 import segflex
 import segflex.hf  # noqa: F401  (registers "segflex")
+from segflex.hf import cache_keyword
 from segflex.generate import Row, generate_rows
 
 
@@ -145,11 +146,12 @@ def stock_best(model, layout, questions, positions, batch, new_tokens, flex_fn, 
     ids = torch.tensor(questions[:batch], device=device)
     pos = torch.tensor([list(positions)] * batch, device=device)
     res = model(ids, position_ids=pos, block_mask=block_mask, flex_fn=flex_fn, use_cache=True, logits_to_keep=1)
-    cache, token = res.past_key_values, res.logits[:, -1].argmax(-1)
+    cache = res.cache if hasattr(res, "cache") else res.past_key_values
+    token = res.logits[:, -1].argmax(-1)
     out = [token]
     nxt = pos[:, -1:] + 1
     for step in range(new_tokens - 1):
-        res = model(token[:, None], position_ids=nxt + step, past_key_values=cache, use_cache=True,
+        res = model(token[:, None], position_ids=nxt + step, **{cache_keyword(model): cache}, use_cache=True,
                     logits_to_keep=1)
         token = res.logits[:, -1].argmax(-1)
         out.append(token)

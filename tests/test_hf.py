@@ -212,3 +212,18 @@ def test_segment_cache_argument_checks():
         cache.begin_decode()
     with pytest.raises(ValueError, match="max_len"):
         cache.begin_prefill(torch.tensor([11]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cache_keyword_reaches_the_layers(arch):
+    """The keyword cache_keyword names is the one the installed transformers hands to its
+    attention layers: a prefill through it fills every layer of a SegmentCache."""
+    m = tiny_model(arch, attn="segflex")
+    ids = torch.arange(1, 9)[None]
+    cache = segflex.hf.SegmentCache(m.config.num_hidden_layers, 16)
+    cache.begin_prefill(torch.tensor([8]))
+    with torch.no_grad():
+        m(ids, use_cache=True, **{segflex.hf.cache_keyword(m): cache})
+    assert all(k is not None and k.shape[2] == 16 for k in cache.keys)
+    assert torch.count_nonzero(cache.keys[-1][:, :, :8]) > 0
+    assert torch.count_nonzero(cache.keys[-1][:, :, 8:]) == 0

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .graphs import decoder_for
-from .hf import SegmentCache, enable
+from .hf import SegmentCache, cache_keyword, enable
 from .layout import SegmentLayout
 from .ops import pack
 
@@ -428,14 +428,14 @@ def generate_rows(
             prefix = SegmentCache(model.config.num_hidden_layers, shared)
             prefix.begin_prefill(torch.tensor([shared]))
             base(input_ids=ids[:1, :shared].to(device), position_ids=pos[:1, :shared].to(device),
-                 past_key_values=prefix, use_cache=True,
+                 **{cache_keyword(base): prefix}, use_cache=True,
                  segment_layouts=[SegmentLayout([shared], ["global"])])
             prefix.advance()
             cache.put_prefix(prefix, len(rows))
             del prefix
         cache.begin_prefill(lengths, offset=shared)
         hidden = base(input_ids=ids[:, shared:].to(device), position_ids=pos[:, shared:].to(device),
-                      past_key_values=cache, use_cache=True, segment_layouts=table).last_hidden_state
+                      **{cache_keyword(base): cache}, use_cache=True, segment_layouts=table).last_hidden_state
         cache.advance()
         last = (lengths - 1 - shared).to(device)
         logits = head(hidden[torch.arange(len(rows), device=device), last]).float()
@@ -492,7 +492,7 @@ def generate_rows(
                     live = [live[i] for i in keep]
             cache_lens = cache.begin_decode(1).to(device)
             hidden = base(input_ids=row_token[:, None], position_ids=(next_pos + step)[:, None],
-                          past_key_values=cache, use_cache=True, segment_layouts=table,
+                          **{cache_keyword(base): cache}, use_cache=True, segment_layouts=table,
                           cache_lens=cache_lens).last_hidden_state
             cache.advance()
             logits = head(hidden[:, -1]).float()

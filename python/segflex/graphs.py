@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .hf import SegmentCache
+from .hf import SegmentCache, cache_keyword
 from .layout import LayoutTable
 
 __all__ = ["GraphedDecoder", "decoder_for", "release", "CACHE_ROUNDING", "MAX_DECODERS"]
@@ -106,7 +106,7 @@ class GraphedDecoder:
         self.cache._index = None  # write rows: computed in the step (the graph) from write_at
         lens = (self.write_at + 1).to(torch.int32)
         hidden = self.base(input_ids=self.token[:, None], position_ids=self.position[:, None],
-                           past_key_values=self.cache, use_cache=True, segment_layouts=self.table,
+                           **{cache_keyword(self.base): self.cache}, use_cache=True, segment_layouts=self.table,
                            cache_lens=lens).last_hidden_state
         return self.head(hidden[:, -1]).float()
 

@@ -37,6 +37,8 @@ and the attention function checks that record only when no layouts are given.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -51,6 +53,7 @@ __all__ = [
     "segflex_attention_forward",
     "segflex_mask",
     "SegmentCache",
+    "cache_keyword",
 ]
 
 
@@ -497,7 +500,10 @@ class SegmentCache:
         self._start = None
 
     # -- model side
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None):
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None,
+               **kwargs: Any):
+        # (transformers passes its extra arguments as cache_kwargs up to 5.x, as kwargs= since;
+        # neither is needed: the write positions come from begin_prefill / begin_decode)
         batch, heads, n, dim = key.shape
         if self.keys[layer_idx] is None:
             shape = (batch, heads, self.max_len, dim)
@@ -537,6 +543,18 @@ class SegmentCache:
 
     def __len__(self) -> int:
         return self.num_layers
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword under which ``model``'s forward takes a KV cache such as
+    :class:`SegmentCache`: ``cache`` in transformers releases that renamed it,
+    ``past_key_values`` before."""
+    return _cache_keyword(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def _write_index(start: torch.Tensor, heads: int, max_len: int, n: int) -> torch.Tensor:

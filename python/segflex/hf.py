@@ -502,8 +502,9 @@ class SegmentCache:
     # -- model side
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None,
                **kwargs: Any):
-        # (transformers passes its extra arguments as cache_kwargs up to 5.x, as kwargs= since;
-        # neither is needed: the write positions come from begin_prefill / begin_decode)
+        # (transformers passes its extra arguments as cache_kwargs, or as kwargs= in releases
+        # such as 5.25; neither is needed: the write positions come from begin_prefill /
+        # begin_decode)
         batch, heads, n, dim = key.shape
         if self.keys[layer_idx] is None:
             shape = (batch, heads, self.max_len, dim)

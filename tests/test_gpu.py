@@ -241,6 +241,44 @@ def test_prefill_long_sequence_many_tiles(d):
     check_close(out[0], ref, peer, "long")
 
 
+_WALK_SCRIPT = """
+import math, sys
+sys.path.insert(0, {tests!r})
+import torch, segflex
+from test_gpu import check_views, run_prefill
+lay = segflex.SegmentLayout
+lays = [lay([100, 250, 300, 50], ["shared", "isolated", "isolated", "global"],
+            [0.0, -0.7, 0.2, 0.0]),                           # classified plans, 60-row tail
+        lay([130] * 4 + [8], ["isolated"] * 4 + ["global"]),  # range plans, 8-row tail
+        lay([600], ["isolated"])]                             # one segment, ends early
+gen = torch.Generator(device="cuda").manual_seed(11)
+scale = 1 / math.sqrt(128)
+for dtype in (torch.bfloat16, torch.float16):
+    lk = max(len(x) for x in lays) + 3
+    views = run_prefill(lays, 6, 2, 128, dtype, gen, scale, lk=lk, lq=lk)
+    check_views(views, lays, scale, "padded")
+    views = run_prefill(lays, 6, 2, 128, dtype, gen, scale, q_lens=[len(x) for x in lays])
+    check_views(views, lays, scale, "packed")
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the wgmma kernel needs compute capability 9.0")
+def test_prefill_persistent_blocks_walk_many_items():
+    """The Hopper kernel with its persistent grid capped at 3 blocks (SEGFLEX_PREFILL_GRID,
+    read once per process, hence the subprocess), so that each block runs ~35 items back to
+    back: the producer one item ahead, item boundaries between sequences, items whose rows
+    all fall to the first warpgroup, sequences that end before the batch's last tile."""
+    import subprocess
+    import sys
+    env = dict(os.environ, SEGFLEX_PREFILL_IMPL="wgmma", SEGFLEX_PREFILL_GRID="3")
+    script = _WALK_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
 def _few_rows_layouts():
     """Long shared prefixes before short isolated segments and a short global tail, with
     biases, of nearly equal lengths (so that a padded batch gives every sequence rows)."""

@@ -21,6 +21,9 @@
  *   mma    this file: everything else.
  * SEGFLEX_PREFILL_IMPL=mma|wgmma|small|auto (read once per process) forces one kernel
  * wherever it can run, for A/B runs; use_small and use_sm90 below hold the rules.
+ * SEGFLEX_PREFILL_GRID=n caps the wgmma kernel's persistent grid at n blocks, so that
+ * tests of small problems make every block walk through many items (their boundaries are
+ * where the producer and the consumers overlap two items).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -294,6 +297,18 @@ int impl_choice()
     return choice;
 }
 
+/* The persistent grid of the wgmma kernel: one block per SM, or SEGFLEX_PREFILL_GRID
+ * (read once per process) blocks when that is smaller. */
+int persistent_grid(int sms)
+{
+    static const int cap = [] {
+        const char *e = getenv("SEGFLEX_PREFILL_GRID");
+        const int n = e != nullptr ? atoi(e) : 0;
+        return n > 0 ? n : INT32_MAX;
+    }();
+    return sms < cap ? sms : cap;
+}
+
 /* The current device's SM count, and whether it is compute capability 9.0 (the wgmma
  * kernel is built for sm_90a only); cached per device. Returns 0 when it cannot be read. */
 int device_sms(bool *sm90)
@@ -417,7 +432,7 @@ extern "C" sf_status sf_cuda_attention(const sf_layouts *layouts, const sf_seqs 
                                     seqs->max_q_len, st);
     if (use_sm90(params->head_dim, params->heads_q, seqs->batch, seqs->max_q_len))
         return launch_prefill_sm90(a, bf, params->heads_q, seqs->batch, seqs->max_q_len,
-                                   device_sms(&sm90), st);
+                                   persistent_grid(device_sms(&sm90)), st);
     if (params->head_dim == 64)
         return bf ? launch<__nv_bfloat16, 64>(a, params->heads_q, seqs->batch, seqs->max_q_len, st)
                   : launch<__half, 64>(a, params->heads_q, seqs->batch, seqs->max_q_len, st);

@@ -70,10 +70,11 @@
  *    K-major layouts (encoded 1). The k-step kk of a 64-element row half starts
  *    32*kk bytes further (the hardware swizzles the computed address).
  *  - N-major operand (V as B of O = P V, imm-trans-b = 1): the atom is 8 key rows
- *    x 64 d values. SBO is the step between 8-key groups and LBO between 64-wide
- *    groups of N. Each P V instruction here is N = 64 (one d half), so only one
- *    N group is ever addressed; LBO and SBO are both set to 1024, which is the
- *    8-key step whichever of the two fields the hardware reads for it.
+ *    x 64 d values. SBO is the step between 8-key groups (1024) and LBO between
+ *    64-wide groups of N (HALF_T: the two d halves of a V tile), so one N = 128
+ *    instruction covers all of d. (With the two fields swapped the oracle tests
+ *    fail. Two N = 64 instructions per 16 keys, one per d half, measured 1% slower
+ *    at 16x2048+16 on an H100.)
  *  - K and V tiles share one storage: [d half (2)][key (128)][128 bytes], swizzled
  *    by key row. Q the same with query rows.
  */
@@ -185,16 +186,13 @@ __device__ __forceinline__ uint64_t desc(uint32_t lo, uint32_t hi, uint32_t byte
     "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,"  \
     "%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45," \
     "%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
-#define SF_D32                                                                                  \
-    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,"  \
-    "%24,%25,%26,%27,%28,%29,%30,%31}"
 
 /*
  * qk: S (64 x 128 keys) (+)= A(64 x 16 d, smem, K-major) * B(128 keys x 16 d, smem,
  *     K-major)^T. Operands after the descriptors: scale-d (predicate; false on the
  *     first k-step: d = A*B), imm-scale-a = 1, imm-scale-b = 1, imm-trans-a = 0,
  *     imm-trans-b = 0 (both K-major).
- * pv: O half (64 x 64 d) += P(64 x 16 keys, registers) * V(16 keys x 64 d, smem,
+ * pv: O (64 x 128 d) += P(64 x 16 keys, registers) * V(16 keys x 128 d, smem,
  *     N-major). Operands after the descriptor: scale-d = 1 (accumulate; the SASS shows
  *     the accumulator as input), imm-scale-a = 1, imm-scale-b = 1, imm-trans-b = 1.
  */
@@ -212,11 +210,11 @@ template <typename T> struct WgmmaOps;
                          : SF_ACC64(d)                                                           \
                          : "l"(da), "l"(db), "r"(accumulate));                                   \
         }                                                                                        \
-        static __device__ __forceinline__ void pv(float *d, const uint32_t *a, uint64_t db)     \
+        static __device__ __forceinline__ void pv(float *d, const uint32_t *a, uint64_t db)  \
         {                                                                                        \
-            asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." PTXTYPE "." PTXTYPE     \
-                         " " SF_D32 ", {%32,%33,%34,%35}, %36, 1, 1, 1, 1;\n"                   \
-                         : SF_ACC32(d)                                                           \
+            asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." PTXTYPE "." PTXTYPE    \
+                         " " SF_D64 ", {%64,%65,%66,%67}, %68, 1, 1, 1, 1;\n"                  \
+                         : SF_ACC64(d)                                                           \
                          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));                \
         }                                                                                        \
     };
@@ -510,7 +508,7 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
     const int row_of[2] = {wg * 64 + wq * 16 + g, wg * 64 + wq * 16 + g + 8}; /* in the tile */
     const uint32_t *s_entry = sm.entry();
 
-    float o[2][32]; /* O columns 64*hd .. 64*hd+63 */
+    float o[64]; /* O (64 rows x 128 d of this warpgroup) in the accumulator layout */
     float s[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) s[i] = 0.f;
@@ -519,10 +517,11 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
     for (int t = 0; t < BN / 16; ++t) pa[t][0] = pa[t][1] = pa[t][2] = pa[t][3] = 0u;
 
     /* operand descriptors (low words) of K / V of stage 0 (stage st is st * STAGE bytes
-     * further). K-major operands: LBO unused (1), SBO 1024. */
+     * further). K-major operands: LBO unused (1), SBO 1024. V (N-major): LBO HALF_T, the
+     * step from one 64-wide d half to the other; SBO 1024, the step between 8-key groups. */
     constexpr uint32_t HI_KMAJOR = desc_hi(1024 >> 4), HI_V = desc_hi(1024 >> 4);
     const uint32_t lo_k0 = desc_lo(sm.kv(0), 1);
-    const uint32_t lo_v0 = desc_lo(sm.kv(0) + 2 * HALF_T, 1024 >> 4);
+    const uint32_t lo_v0 = desc_lo(sm.kv(0) + 2 * HALF_T, HALF_T >> 4);
     uint32_t lo_q = 0; /* this warpgroup's rows of the item's Q buffer */
 
     /* S = Q K^T of the K in stage st: 8 k-steps of 16 over d; k-step kk lies in half
@@ -536,18 +535,15 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
     };
     /* keeps the compiler from moving accesses of P V's registers across its issue or wait */
     auto fence_pv_operands = [&] {
-        fence_regs<32>(o[0]);
-        fence_regs<32>(o[1]);
+        fence_regs<64>(o);
         fence_regs<BN / 4>(&pa[0][0]);
     };
     /* O += P V for the P held in pa, V of stage st */
     auto issue_pv = [&](int st) {
         const uint32_t lo_v = lo_v0 + st * (STAGE >> 4);
 #pragma unroll
-        for (int t = 0; t < BN / 16; ++t) /* keys 16t..16t+15: byte 2048*t of a V half */
-#pragma unroll
-            for (int hd = 0; hd < 2; ++hd)
-                WgmmaOps<T>::pv(o[hd], pa[t], desc(lo_v, HI_V, hd * HALF_T + t * 2048));
+        for (int t = 0; t < BN / 16; ++t) /* keys 16t..16t+15: byte 2048*t of each V half */
+            WgmmaOps<T>::pv(o, pa[t], desc(lo_v, HI_V, t * 2048));
     };
     /*
      * Turns: the two warpgroups issue their tensor-core work alternately (named barriers
@@ -616,7 +612,7 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
         }
         lo_q = desc_lo(sm.q(qs) + wg * 64 * 128, 1);
 #pragma unroll
-        for (int i = 0; i < 32; ++i) o[0][i] = o[1][i] = 0.f;
+        for (int i = 0; i < 64; ++i) o[i] = 0.f;
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
         bool pending = false; /* pa holds a P whose P V is still to be issued */
 
@@ -635,8 +631,7 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
                     wgmma_commit();
                     turn_pass();
                     wgmma_wait<0>();
-                    fence_regs<32>(o[0]);
-                    fence_regs<32>(o[1]);
+                    fence_regs<64>(o);
                 } else {
                     turn_pass();
                 }
@@ -748,14 +743,12 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
                 mbar_arrive(sm.bar(EMPTY_V, st));
                 if (move) {
 #pragma unroll
-                    for (int hd2 = 0; hd2 < 2; ++hd2)
-#pragma unroll
-                        for (int nb = 0; nb < 8; ++nb) {
-                            o[hd2][nb * 4 + 0] *= alpha[0];
-                            o[hd2][nb * 4 + 1] *= alpha[0];
-                            o[hd2][nb * 4 + 2] *= alpha[1];
-                            o[hd2][nb * 4 + 3] *= alpha[1];
-                        }
+                    for (int nb = 0; nb < 16; ++nb) {
+                        o[nb * 4 + 0] *= alpha[0];
+                        o[nb * 4 + 1] *= alpha[0];
+                        o[nb * 4 + 2] *= alpha[1];
+                        o[nb * 4 + 3] *= alpha[1];
+                    }
                 }
 
                 /* P as the A fragments of 8 k-steps of 16 keys; its P V runs in the next step */
@@ -783,13 +776,10 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
             const float inv = lt > 0.f ? 1.f / lt : 0.f;
             uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + i) * a.o_st;
 #pragma unroll
-            for (int hd2 = 0; hd2 < 2; ++hd2)
-#pragma unroll
-                for (int nb = 0; nb < 8; ++nb) {
-                    const uint32_t pk = Pack2<T>::pack(o[hd2][nb * 4 + 2 * r] * inv,
-                                                       o[hd2][nb * 4 + 2 * r + 1] * inv);
-                    *reinterpret_cast<uint32_t *>(orow + hd2 * 64 + nb * 8 + 2 * c4) = pk;
-                }
+            for (int nb = 0; nb < 16; ++nb) { /* columns 8nb + 2c4, +1 */
+                const uint32_t pk = Pack2<T>::pack(o[nb * 4 + 2 * r] * inv, o[nb * 4 + 2 * r + 1] * inv);
+                *reinterpret_cast<uint32_t *>(orow + nb * 8 + 2 * c4) = pk;
+            }
             if (a.lse != nullptr && c4 == 0)
                 a.lse[b * a.lse_sb + h * a.lse_sh + q_start + i] =
                     lt > 0.f ? (m[r] + log2f(lt)) * kLn2 : -INFINITY;

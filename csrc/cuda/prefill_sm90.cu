@@ -202,7 +202,7 @@ template <typename T> struct WgmmaOps;
 #define SF_WGMMA_OPS(CTYPE, PTXTYPE)                                                             \
     template <> struct WgmmaOps<CTYPE> {                                                         \
         static __device__ __forceinline__ void qk(float *d, uint64_t da, uint64_t db,            \
-                                                  int accumulate)                               \
+                                                  int accumulate)                                \
         {                                                                                        \
             asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"                          \
                          " wgmma.mma_async.sync.aligned.m64n128k16.f32." PTXTYPE "." PTXTYPE     \
@@ -210,12 +210,12 @@ template <typename T> struct WgmmaOps;
                          : SF_ACC64(d)                                                           \
                          : "l"(da), "l"(db), "r"(accumulate));                                   \
         }                                                                                        \
-        static __device__ __forceinline__ void pv(float *d, const uint32_t *a, uint64_t db)  \
+        static __device__ __forceinline__ void pv(float *d, const uint32_t *a, uint64_t db)      \
         {                                                                                        \
-            asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." PTXTYPE "." PTXTYPE    \
-                         " " SF_D64 ", {%64,%65,%66,%67}, %68, 1, 1, 1, 1;\n"                  \
+            asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." PTXTYPE "." PTXTYPE      \
+                         " " SF_D64 ", {%64,%65,%66,%67}, %68, 1, 1, 1, 1;\n"                    \
                          : SF_ACC64(d)                                                           \
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));                \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));                 \
         }                                                                                        \
     };
 SF_WGMMA_OPS(__nv_bfloat16, "bf16")

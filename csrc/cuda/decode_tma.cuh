@@ -237,7 +237,10 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
         /* per-key biases: segment table staged in shared memory when small */
         SegView view = make_view(a.seg_ptr, a.seg_end, a.seg_kind, a.seg_bias, b);
         const bool has_bias = view.bias != nullptr && view.n > 0;
-        if (has_bias && view.n <= TM_SEG_CAP) stage_ends_biases<TM_THREADS>(view, s_end, s_sbias, tid);
+        if (has_bias && view.n <= TM_SEG_CAP) {
+            stage_ends_biases<TM_THREADS>(view, s_end, s_sbias, tid);
+            __syncthreads(); /* warp 0 looks up the whole staged table just below */
+        }
 
         /* Warp 0 writes the per-key biases of tile t's stage. */
         auto write_biases = [&](int t) {

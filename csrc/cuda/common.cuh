@@ -192,6 +192,15 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t *r, uint32_t addr)
                  : "r"(addr));
 }
 
+/* Transposes an 8x8 matrix of 16-bit elements held in mma fragment layout (lane 4g + c
+ * holds row g, columns 2c and 2c + 1): afterwards the lane holds row g of the transpose. */
+__device__ __forceinline__ uint32_t movmatrix_t(uint32_t x)
+{
+    uint32_t y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void *p)
 {
     return (uint32_t)__cvta_generic_to_shared(p);

@@ -287,16 +287,17 @@ __device__ __forceinline__ void stage_ends_biases(SegView &view, int32_t *s_end,
     view.bias = s_sbias;
 }
 
-/* The two rows of a thread whose first row is row `lr0` (and lr0 + 8) of row chunk rc of KV
- * head hk: its query head, new-token index and position, and whether it exists (rows
- * run over the group's query heads, max_q new tokens each). */
+/* The two rows of a thread whose first row is row `lr0` (and lr0 + step: 8 in the usual
+ * fragment layout, 1 in the narrow one) of row chunk rc of KV head hk: its query head,
+ * new-token index and position, and whether it exists (rows run over the group's query
+ * heads, max_q new tokens each). */
 __device__ __forceinline__ void thread_rows(const DecodeArgs &a, int hk, int rc, int lr0, int rows,
                                             int q_len, int kv_len, int (&hrow)[2], int (&trow)[2],
-                                            int (&pos)[2], bool (&valid)[2])
+                                            int (&pos)[2], bool (&valid)[2], int step = 8)
 {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        int lr = lr0 + r * 8;
+        int lr = lr0 + r * step;
         int rr = rc * ROWS_PER_BLOCK + lr;
         int gi = rr / a.max_q, t = rr % a.max_q;
         valid[r] = lr < rows && t < q_len;

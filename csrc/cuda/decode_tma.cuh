@@ -22,6 +22,13 @@
  *  - The grid is a programmatic dependent of the previous kernel in the stream: it is
  *    scheduled while that kernel drains and waits (griddepcontrol.wait) before its first
  *    access to global memory.
+ *  - A block of at most 8 query rows (3 heads x 1 token at 24 / 8 heads) puts the keys on
+ *    the M side of its products (attend_chunk_narrow, key_split.cuh): half the mma.sync
+ *    instructions. The tensor cores are not the limit here, but the block's work between
+ *    a tile's arrival and the refill of its stage is: on an H100, a build that skipped the
+ *    products altogether ran 32 x 2k in 89.5-90.0 us against 91.5-91.7, and the narrow
+ *    products measured 91.0-91.5 in the final build against SDPA's 91.3-91.7 (five
+ *    rounds, 32 x 2k).
  *
  * The tensor maps describe K and V as 2-D [rows, D] arrays of 16-bit elements: row
  * b*stride_b/stride_t + h*stride_h/stride_t + k_start + key holds key `key` of sequence b,
@@ -52,7 +59,9 @@ template <int D> __host__ __device__ constexpr int tm_off_seg() { return tm_off_
 template <int D> __host__ __device__ constexpr int tm_off_bar() { return tm_off_seg<D>() + TM_SEG_CAP * 8; }
 template <int D> __host__ __device__ constexpr int tm_smem() { return 1024 + tm_off_bar<D>() + TM_STAGES * 8 + 8; }
 static_assert(tm_smem<128>() <= (233472 - 2 * 1024) / 2 - 128, "two blocks per multiprocessor");
-static_assert(merge_warps_bytes<128>() <= TM_STAGES * tm_stage<128>(), "warp merge area fits");
+static_assert(merge_warps_bytes<128>() + 4 * narrow_bytes<128>() <= TM_STAGES * tm_stage<128>() &&
+                  merge_warps_bytes<64>() + 4 * narrow_bytes<64>() <= TM_STAGES * tm_stage<64>(),
+              "warp merge areas fit");
 static_assert(tm_off_bar<64>() % 8 == 0 && tm_off_bar<128>() % 8 == 0, "mbarrier alignment");
 
 /* Shared-memory offset of 16-byte chunk `ch` (of D/8) of row `row` in a K or V tile: column
@@ -153,11 +162,22 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
     int hrow[2], trow[2], pos[2];
     bool valid[2];
     thread_rows(a, hk, rc, rg * 16 + g, rows, q_len, kv_len, hrow, trow, pos, valid);
+    /* A block of at most 8 rows takes the narrow products (key_split.cuh), whose lanes hold
+     * rows 2 * c4 and 2 * c4 + 1: their positions for the mask. */
+    const bool narrow = rows <= 8;
+    int npos[2];
+    {
+        int nh[2], nt[2];
+        bool nv[2];
+        thread_rows(a, hk, rc, 2 * c4, rows, q_len, kv_len, nh, nt, npos, nv, 1);
+    }
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     float o[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    /* the narrow state's output lives in the first half of o */
+    float(&o_narrow)[D / 16][4] = *reinterpret_cast<float(*)[D / 16][4]>(&o[0][0]);
 
     constexpr int STAGE = tm_stage<D>();
     constexpr int KVB = tm_kv_bytes<D>();
@@ -282,13 +302,22 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
 
             const uint32_t sk = sbase + st * STAGE, sv = sk + KVB;
             const float *kb = s_kbias + st * BN;
-            const DecodeMask mask{pos, kbeg + t * BN, kend, kb, has_bias, a.scale_log2};
-            for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count)
-                attend_chunk<T, D, TmaTile, 4>(sk, sv, cchunk, mask, qf, m, l, o);
+            if (narrow) {
+                const DecodeMask mask{npos, kbeg + t * BN, kend, kb, has_bias, a.scale_log2};
+                for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count)
+                    attend_chunk_narrow<T, D, TmaTile>(sk, sv, cchunk, mask, qf, m, l, o_narrow);
+            } else {
+                const DecodeMask mask{pos, kbeg + t * BN, kend, kb, has_bias, a.scale_log2};
+                for (int cchunk = kg; cchunk < BN / 16; cchunk += kg_count)
+                    attend_chunk<T, D, TmaTile, 4>(sk, sv, cchunk, mask, qf, m, l, o);
+            }
         }
         /* every issued tile has been waited for: no copy is still writing shared memory */
     }
     __syncthreads(); /* the pipeline buffers become the merge area */
+    if (narrow)
+        narrow_to_rows<D>(reinterpret_cast<float *>(smem + merge_warps_bytes<D>() + warp * narrow_bytes<D>()),
+                          lane, m, l, o);
 
     /* merge the warps that share rows (same rg, different key shares) into kg == 0 */
     merge_warps<D>(reinterpret_cast<float *>(smem), warp, lane, kg, kg_count, rg_count, m, l, o);

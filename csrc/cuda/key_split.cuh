@@ -8,7 +8,9 @@
  * A warp's state for its 16 rows, in mma.sync m16n8k16 accumulator layout: lane (g, c4)
  * with g = lane / 4, c4 = lane % 4 holds rows g and g + 8 (index r = 0, 1), m[r] the
  * running maximum (base 2), l[r] the running sum of this lane's columns (summed over the
- * quad at the end), o[n][2r], o[n][2r+1] output columns n*8 + 2*c4, +1.
+ * quad at the end), o[n][2r], o[n][2r+1] output columns n*8 + 2*c4, +1. A warp of at most 8
+ * rows can run the narrow products instead (attend_chunk_narrow) and turn its state into
+ * this one at the end (narrow_to_rows).
  */
 #ifndef SEGFLEX_CUDA_KEY_SPLIT_CUH
 #define SEGFLEX_CUDA_KEY_SPLIT_CUH
@@ -123,6 +125,116 @@ __device__ __forceinline__ void attend_chunk(uint32_t sk, uint32_t sv, int cchun
         mma16816<T>(o[2 * dp], pa, bf[0], bf[1]);
         mma16816<T>(o[2 * dp + 1], pa, bf[2], bf[3]);
     }
+}
+
+/*
+ * The same chunk for a warp with at most 8 query rows, as in decode when a KV head serves
+ * few query heads and new tokens (3 heads x 1 token at 24 / 8 heads). The keys take the M
+ * side of both products and the rows the N side: S^T = K Q^T and O^T += V^T P^T need one
+ * m16n8k16 per k step where attend_chunk needs two, and O^T half the registers.
+ *
+ * Narrow state: lane (g, c4) holds rows 2*c4 and 2*c4 + 1 (index r = 0, 1): m[r], l[r] as
+ * above (l summed over the 8 lanes of a c4 at the end, narrow_to_rows), ot[i][r] and
+ * ot[i][2 + r] output columns 16i + g and 16i + g + 8. mask(r, col, s) sees those rows.
+ * Q comes as the usual A fragments of rows g (qf[kk][0], qf[kk][2]): the B fragments of
+ * Q^T. The B operand of the second product, P^T, is the S^T fragment with each 8x8 block
+ * turned over (movmatrix).
+ */
+template <typename T, int D, typename Tile, typename Mask>
+__device__ __forceinline__ void attend_chunk_narrow(uint32_t sk, uint32_t sv, int cchunk,
+                                                    const Mask &mask,
+                                                    const uint32_t (&qf)[D / 16][4], float (&m)[2],
+                                                    float (&l)[2], float (&ot)[D / 16][4])
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2;
+    /* S^T, keys g and g + 8 of the chunk; even and odd k steps in separate chains */
+    float s[4] = {0.f, 0.f, 0.f, 0.f}, s_odd[4] = {0.f, 0.f, 0.f, 0.f};
+    const int k_row = cchunk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t ka[4];
+        ldsm_x4(ka, sk + Tile::off(k_row, kk * 2 + (lane >> 4)));
+        mma16816<T>((kk & 1) ? s_odd : s, ka, qf[kk][0], qf[kk][2]);
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float lo = mask(r, cchunk * 16 + g, s[r] + s_odd[r]);
+        const float hi = mask(r, cchunk * 16 + g + 8, s[2 + r] + s_odd[2 + r]);
+        float mx = fmaxf(lo, hi);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        const float m_new = fmaxf(m[r], mx);
+        const float base = m_new == -INFINITY ? 0.f : m_new;
+        alpha[r] = fast_exp2(m[r] - base);
+        s[r] = fast_exp2(lo - base);
+        s[2 + r] = fast_exp2(hi - base);
+        l[r] = l[r] * alpha[r] + s[r] + s[2 + r];
+        m[r] = m_new;
+    }
+    const uint32_t pb0 = movmatrix_t(Pack2<T>::pack(s[0], s[1])); /* keys 0-7 */
+    const uint32_t pb1 = movmatrix_t(Pack2<T>::pack(s[2], s[3])); /* keys 8-15 */
+    const int v_row = cchunk * 16 + (lane & 7) + ((lane >> 4) << 3);
+#pragma unroll
+    for (int i = 0; i < D / 16; ++i) {
+        ot[i][0] *= alpha[0];
+        ot[i][1] *= alpha[1];
+        ot[i][2] *= alpha[0];
+        ot[i][3] *= alpha[1];
+        uint32_t va[4];
+        ldsm_x4_t(va, sv + Tile::off(v_row, i * 2 + ((lane >> 3) & 1)));
+        mma16816<T>(ot[i], va, pb0, pb1);
+    }
+}
+
+/* Shared memory narrow_to_rows needs per warp: 8 rows of D floats (padded by 4 so that the
+ * lanes' stores fall in distinct banks), then 8 pairs (m, l). */
+template <int D> __host__ __device__ constexpr int narrow_bytes()
+{
+    return 8 * (D + 4) * 4 + 8 * 2 * 4;
+}
+
+/* Turns a warp's narrow state (attend_chunk_narrow) into the usual one (this file's top),
+ * through the warp's own buf (narrow_bytes), so that merge_warps and the writes serve both:
+ * rows g take the 8 rows, rows g + 8 are empty. Every lane of the warp calls it. */
+template <int D>
+__device__ __forceinline__ void narrow_to_rows(float *buf, int lane, float (&m)[2], float (&l)[2],
+                                               float (&o)[D / 8][4])
+{
+    constexpr int STRIDE = D + 4;
+    const int g = lane >> 2, c4 = lane & 3;
+    float *s_ml = buf + 8 * STRIDE;
+    float(&ot)[D / 16][4] = *reinterpret_cast<float(*)[D / 16][4]>(&o[0][0]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = l[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 8);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+        if (g == 0) {
+            s_ml[(2 * c4 + r) * 2] = m[r];
+            s_ml[(2 * c4 + r) * 2 + 1] = sum;
+        }
+#pragma unroll
+        for (int i = 0; i < D / 16; ++i) {
+            buf[(2 * c4 + r) * STRIDE + 16 * i + g] = ot[i][r];
+            buf[(2 * c4 + r) * STRIDE + 16 * i + g + 8] = ot[i][2 + r];
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        const float2 x = *reinterpret_cast<const float2 *>(buf + g * STRIDE + 8 * n + 2 * c4);
+        o[n][0] = x.x;
+        o[n][1] = x.y;
+        o[n][2] = 0.f;
+        o[n][3] = 0.f;
+    }
+    m[0] = s_ml[2 * g];
+    l[0] = c4 == 0 ? s_ml[2 * g + 1] : 0.f; /* merge_warps sums l over the quad */
+    m[1] = -INFINITY;
+    l[1] = 0.f;
 }
 
 /* Shared memory merge_warps needs: [4 warps][D/8][32 lanes][4] floats of o, then

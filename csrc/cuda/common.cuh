@@ -219,6 +219,23 @@ template <int N> __device__ __forceinline__ void cp_async_wait()
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+/* Programmatic dependent launch (sm_90; see launch_dependent below): wait until the writes of
+ * the stream's previous kernel are visible, and let the next kernel be scheduled. Older
+ * devices run a stream's kernels one after the other, so both are no-ops there. */
+__device__ __forceinline__ void grid_dependency_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void grid_dependents_launch()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 /* mbarriers in shared memory (sm_90), addressed by their shared-space address. A fresh
  * barrier is in phase 0; a phase completes when its count of arrivals (and of announced
  * copy bytes) is in. */

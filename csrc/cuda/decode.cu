@@ -339,8 +339,8 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
     /* Launched as a programmatic dependent: scheduled while the previous kernel of the
      * stream drains, it waits here until that kernel's writes are visible. Then it lets its
      * own dependent (the merge kernel, or the next call) get scheduled. */
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    grid_dependency_wait();
+    grid_dependents_launch();
     const int split = blockIdx.x;
     const int hk = blockIdx.y / a.row_chunks, rc = blockIdx.y % a.row_chunks;
     const int b = blockIdx.z;
@@ -442,8 +442,8 @@ template <typename T, int D>
 __global__ void __launch_bounds__(32) combine_kernel(const DecodeArgs a)
 {
     /* launched as a programmatic dependent of decode_kernel: wait for its results */
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    grid_dependency_wait();
+    grid_dependents_launch();
     const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, lane = threadIdx.x;
     if (t >= a.q_len[b]) return;
     const int q_start = a.q_start[b];
@@ -638,13 +638,7 @@ int decode_impl()
         const char *e = getenv("SEGFLEX_DECODE_IMPL");
         if (e != nullptr && strcmp(e, "old") == 0) return (int)IMPL_OLD;
         if (e != nullptr && strcmp(e, "new") == 0) return (int)IMPL_TMA_STRICT;
-        int dev = 0, major = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-            cudaGetLastError();
-            return (int)IMPL_OLD;
-        }
-        return major >= 9 ? (int)IMPL_AUTO : (int)IMPL_OLD;
+        return device_has_tma() ? (int)IMPL_AUTO : (int)IMPL_OLD;
     }();
     return impl;
 }

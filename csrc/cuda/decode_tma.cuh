@@ -123,6 +123,7 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
     decode_tma_kernel(const DecodeArgs a, const TmaRows rows_of, const __grid_constant__ CUtensorMap kmap,
                       const __grid_constant__ CUtensorMap vmap)
 {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 /* the copy engine and mbarriers; launched on sm_90 only */
     extern __shared__ __align__(1024) uint8_t smem_raw[];
 
     /* the maps are kernel parameters, not data of an earlier kernel: fetch them early */
@@ -133,7 +134,7 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
     /* Launched as a programmatic dependent: everything read or written below may belong to
      * the previous kernel of the stream (the new K/V rows, the lengths), so wait for it
      * before the first global access. (No-op for an ordinary launch.) */
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    grid_dependency_wait();
 
     /* stages 1024-byte aligned, whatever the alignment of the dynamic area */
     const uint32_t raw_addr = smem_addr(smem_raw);
@@ -332,9 +333,26 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
 
     /* the block that completes its row group merges the group's splits */
     merge_if_last<T, D>(a, rows, rc, hk, b, q_len, q_start, s_last);
+#endif
 }
 
 /* --------------------------------------------------------------------------- host */
+
+/* Whether the current device has the tensor copy engine (sm_90 and later; the kernel above
+ * is empty in builds for older devices). */
+bool device_has_tma()
+{
+    static const bool yes = [] {
+        int dev = 0, major = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+            cudaGetLastError();
+            return false;
+        }
+        return major >= 9;
+    }();
+    return yes;
+}
 
 /* Splits per row group: about two blocks per multiprocessor in one wave, never more splits
  * than 64-key tiles (when max_kv_len > 0), one split when the row groups alone fill the
@@ -402,11 +420,13 @@ bool make_kv_map(CUtensorMap *map, const void *data, int64_t st, int64_t sh, int
                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-/* Launches decode_tma_kernel; returns SF_ERR_ARGUMENT, having launched nothing, when K or V
- * cannot be described by a tensor map (the caller then takes the old kernel). */
+/* Launches decode_tma_kernel; returns SF_ERR_ARGUMENT, having launched nothing, when the
+ * device has no copy engine or K or V cannot be described by a tensor map (the caller then
+ * takes the old kernel, unless SEGFLEX_DECODE_IMPL=new asked for this one). */
 template <typename T, int D>
 sf_status launch_tma(DecodeArgs a, int heads_kv, int batch, cudaStream_t stream)
 {
+    if (!device_has_tma()) return SF_ERR_ARGUMENT;
     alignas(64) CUtensorMap kmap, vmap;
     TmaRows rows;
     if (!make_kv_map(&kmap, a.k, a.k_st, a.k_sh, a.k_sb, batch, heads_kv, D, &rows.k_rb, &rows.k_rh) ||

@@ -32,6 +32,28 @@ def test_extension_does_not_link_torch():
         assert lib not in deps, f"{path} links {lib}:\n{deps}"
 
 
+# ------------------------------------------------------------- CUDA sources
+
+
+CUDA_SOURCES = os.path.join(os.path.dirname(TESTS), "csrc", "cuda")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_cuda_sources_compile_for_ampere(tmp_path):
+    """Every CUDA source compiles for sm_80 too (SEGFLEX_CUDA_ARCHS="90a;80"), where the
+    Hopper-only kernels are compiled empty. (The install compiles the default, sm_90a.) No GPU
+    needed; the flags are setup.py's."""
+    arch = "80"
+    for name in sorted(os.listdir(CUDA_SOURCES)):
+        if not name.endswith(".cu"):
+            continue
+        cmd = ["nvcc", "-c", os.path.join(CUDA_SOURCES, name), "-o", str(tmp_path / "k.o"),
+               "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DSEGFLEX_WITH_CUDA",
+               f"-I{os.path.dirname(CUDA_SOURCES)}", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, f"{name} for sm_{arch}:\n{done.stderr[-3000:]}"
+
+
 # ---------------------------------------------------------- without torch
 
 NO_TORCH = textwrap.dedent(r'''

@@ -42,8 +42,8 @@ namespace {
 
 constexpr int TM_THREADS = 128;
 /* Two stages: a tile in flight while the block works on the one before. Against three on
- * an H100 (four timings each, SDPA in the same processes), 32 x 2k took 91.5-91.7 us
- * against 92.0-92.6. Two blocks per multiprocessor with two 32 KB tiles in flight each
+ * an H100 (eight timings each over two runs, SDPA in the same processes), 32 x 2k took
+ * 91.5-91.8 us against 92.0-92.6. Two blocks per multiprocessor with two 32 KB tiles in flight each
  * already keep the memory busy; why the third stage cost time is not known. */
 constexpr int TM_STAGES = 2;
 constexpr int TM_SEG_CAP = 1024;

@@ -26,9 +26,8 @@
  *    the M side of its products (attend_chunk_narrow, key_split.cuh): half the mma.sync
  *    instructions. The tensor cores are not the limit here, but the block's work between
  *    a tile's arrival and the refill of its stage is: on an H100, a build that skipped the
- *    products altogether ran 32 x 2k in 89.5-90.0 us against 91.5-91.7, and the narrow
- *    products measured 91.0-91.5 in the final build against SDPA's 91.3-91.7 (five
- *    rounds, 32 x 2k).
+ *    products altogether ran 32 x 2k in 89.5-90.0 us against 91.5-91.7, and with the
+ *    narrow products 32 x 2k measured 91.0-91.5 against SDPA's 91.3-91.7 (five rounds).
  *
  * The tensor maps describe K and V as 2-D [rows, D] arrays of 16-bit elements: row
  * b*stride_b/stride_t + h*stride_h/stride_t + k_start + key holds key `key` of sequence b,

@@ -337,20 +337,13 @@ __global__ void __launch_bounds__(TM_THREADS, 2)
 
 /* --------------------------------------------------------------------------- host */
 
-/* Whether the current device has the tensor copy engine (sm_90 and later; the kernel above
- * is empty in builds for older devices). */
-bool device_has_tma()
+/* Whether the current device runs the kernel above (sm_90: the copy engine; the builds
+ * carry it for sm_90a only, and it is empty for older devices). */
+inline bool device_has_tma()
 {
-    static const bool yes = [] {
-        int dev = 0, major = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-            cudaGetLastError();
-            return false;
-        }
-        return major >= 9;
-    }();
-    return yes;
+    bool sm90 = false;
+    device_sms(&sm90);
+    return sm90;
 }
 
 /* Splits per row group: about two blocks per multiprocessor in one wave, never more splits

@@ -309,35 +309,6 @@ int persistent_grid(int sms)
     return sms < cap ? sms : cap;
 }
 
-/* The current device's SM count, and whether it is compute capability 9.0 (the wgmma
- * kernel is built for sm_90a only); cached per device. Returns 0 when it cannot be read. */
-int device_sms(bool *sm90)
-{
-    static int info[64]; /* per device: 0 unknown, else 2 * SM count + (sm_90 ? 1 : 0) */
-    int dev = 0;
-    *sm90 = false;
-    if (cudaGetDevice(&dev) != cudaSuccess) {
-        cudaGetLastError();
-        return 0;
-    }
-    int *slot = &info[dev & 63];
-    int known = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
-    if (known == 0) {
-        int major = 0, minor = 0, sms = 0;
-        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-            sms <= 0) {
-            cudaGetLastError();
-            return 0;
-        }
-        known = 2 * sms + (major == 9 && minor == 0 ? 1 : 0);
-        __atomic_store_n(slot, known, __ATOMIC_RELEASE);
-    }
-    *sm90 = (known & 1) != 0;
-    return known >> 1;
-}
-
 /*
  * Whether the short-problem kernel (prefill_small.cu) takes this call. In auto mode: when
  * the mma kernel's grid of 64-row blocks would not fill the GPU, i.e. fewer than two

@@ -279,6 +279,53 @@ def test_prefill_persistent_blocks_walk_many_items():
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
+_PACK_SCRIPT = """
+import math, sys
+sys.path.insert(0, {tests!r})
+import torch, segflex
+from test_gpu import check_views, run_prefill
+lay = segflex.SegmentLayout
+# sequences whose last 128-row tile holds 1, 16, 21, 40, 43, 64 and 65 rows
+lays = [lay([120, 120, 17], ["isolated", "isolated", "global"]),
+        lay([192, 192, 16], ["isolated", "isolated", "global"], [-0.4, 0.3, 0.0]),
+        lay([130, 130, 124, 21], ["isolated"] * 3 + ["global"]),
+        lay([256, 40], ["isolated", "global"]),
+        lay([100, 150, 49], ["shared", "isolated", "global"], [0.0, -1.2, 0.0]),
+        lay([128, 128, 64], ["isolated", "isolated", "global"]),
+        lay([200, 121], ["isolated", "isolated"])]
+gen = torch.Generator(device="cuda").manual_seed(5)
+scale = 1 / math.sqrt(128)
+lens = [len(x) for x in lays]
+for hq, hkv in ((4, 2), (6, 2), (8, 2), (8, 1)):
+    for dtype in (torch.bfloat16, torch.float16):
+        lk = max(lens)
+        views = run_prefill(lays, hq, hkv, 128, dtype, gen, scale, lk=lk, lq=lk)
+        check_views(views, lays, scale, f"padded {{hq}}/{{hkv}}")
+        views = run_prefill(lays, hq, hkv, 128, dtype, gen, scale, q_lens=lens)
+        check_views(views, lays, scale, f"packed {{hq}}/{{hkv}}")
+        q_lens = [37, 1, 130, 64, 21, 100, 121]  # queries at the end of the keys
+        views = run_prefill(lays, hq, hkv, 128, dtype, gen, scale, q_lens=q_lens)
+        check_views(views, lays, scale, f"chunk {{hq}}/{{hkv}}")
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the wgmma kernel needs compute capability 9.0")
+def test_prefill_packs_heads_of_short_last_tiles():
+    """The Hopper kernel (forced, in a subprocess) on sequences whose last tile has few rows,
+    which one item takes for several query heads of a GQA group at once (heads_per_item):
+    groups of 2, 3, 4 and 8, packs of one warpgroup's rows and of both, packs next to
+    unpacked items, global tails with biases, padded, packed and chunked batches."""
+    import subprocess
+    import sys
+    env = dict(os.environ, SEGFLEX_PREFILL_IMPL="wgmma", SEGFLEX_PREFILL_GRID="5")
+    script = _PACK_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
 def _few_rows_layouts():
     """Long shared prefixes before short isolated segments and a short global tail, with
     biases, of nearly equal lengths (so that a padded batch gives every sequence rows)."""

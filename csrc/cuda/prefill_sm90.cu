@@ -3,7 +3,9 @@
  * head dim 128: warpgroup MMA (wgmma) fed from 128-byte-swizzled shared memory.
  *
  * The grid is persistent (one block per SM). A block takes work items - 128 query rows
- * of one head of one sequence - one after another from a counter, and has 12 warps:
+ * of one head of one sequence, or the few rows of a sequence's last tile for several heads
+ * of one GQA group at once (heads_per_item) - one after another from a counter, and has
+ * 12 warps:
  *
  *   warps 0-3   consumer warpgroup 0: query rows 0..63 of the item
  *   warps 4-7   consumer warpgroup 1: query rows 64..127
@@ -246,13 +248,49 @@ __device__ __forceinline__ void load_rows_sw128(uint32_t s_tile, const uint16_t 
     }
 }
 
+/* The same copy for an item that packs heads: row r is row r % rph of the r / rph-th head
+ * from base (head_stride apart); rows from valid_rows on become zeros. */
+template <int ROWS>
+__device__ __forceinline__ void load_packed_rows_sw128(uint32_t s_tile, const uint16_t *base,
+                                                       int64_t head_stride, int64_t stride,
+                                                       int rph, int valid_rows, int t)
+{
+    const int row0 = t >> 4, chunk = t & 15;
+    const uint32_t dst = s_tile + (chunk >> 3) * (ROWS * 128) + row0 * 128 +
+                         (((chunk & 7) ^ row0) << 4);
+#pragma unroll
+    for (int i = 0; i < ROWS / 8; ++i) {
+        const int r = row0 + 8 * i;
+        const bool ok = r < valid_rows;
+        const uint16_t *src = base + (r / rph) * head_stride + (r % rph) * stride + chunk * 8;
+        cp_async16(dst + i * 1024, ok ? src : base, ok);
+    }
+}
+
+/*
+ * How many query heads one item takes when its tile has `rows` valid rows: the largest
+ * divisor of the GQA group whose heads' rows fit one tile together (1 for tiles of more
+ * than BM / 2 rows). The rows of those heads see the same keys (they sit at the same
+ * positions and share the KV head), so one pass over the key tiles serves all of them.
+ * This is for a sequence's last tile: the 16 rows of a global tail see every key, and
+ * unpacked they cost a whole pass over the sequence per query head on one warpgroup of
+ * 64 rows, 48 of them padding. At 24 / 8 heads three heads' tails share one pass.
+ */
+__device__ __forceinline__ int heads_per_item(int group, int rows)
+{
+    for (int nh = min(group, BM / rows); nh > 1; --nh)
+        if (group % nh == 0) return nh;
+    return 1;
+}
+
 /* ------------------------------------------------------------ the work items */
 
 /*
  * The grid is persistent: one block per SM, each taking work items - a tile of BM query
  * rows of one head of one sequence - from a counter until none is left, in the order of a
  * one-block-per-tile grid (x: head, y: tile from the end, z: sequence), so the tiles with
- * the most keys go first. While the consumers finish one item (its last products and
+ * the most keys go first. (An item that packs nh heads is taken by its first head; the
+ * others' counter values are skipped.) While the consumers finish one item (its last products and
  * the output), the producer already plans the next, loads its Q into the other Q buffer
  * and streams its first tiles: the start and the end of an item no longer leave the
  * tensor cores idle.
@@ -268,7 +306,9 @@ __device__ int g_sched[2 * SCHED_POOL];
 /* What the producer tells the consumers about an item (double-buffered by item parity). */
 struct ItemHeader {
     int item; /* -1: no more work */
-    int b, h, i0, q_len, q_start, p0;
+    int b, h, i0, q_start, p0;
+    int q_rows;       /* valid rows: row r < q_rows is row i0 + r % rph of head h + r / rph */
+    int rph;          /* rows per head: BM, or the tile's rows when heads are packed */
     int32_t rows[BM]; /* per query row: its segment, | ROW_GLOBAL when that is global */
 };
 constexpr int32_t ROW_GLOBAL = 1 << 30;
@@ -394,6 +434,9 @@ __device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, in
         const int h = item % heads, t = (item / heads) % tiles, b = item / (heads * tiles);
         BlockRows br;
         if (!rows_at<BM, BN>(a, h, b, t, tiles, br)) continue; /* past a short sequence's end */
+        const int rows = min(BM, br.q_len - br.i0);
+        const int nh = heads_per_item(a.group, rows);
+        if (h % nh != 0) continue; /* packed into the item of head h - h % nh */
         ++k;
         if (hu > 0) mbar_wait(sm.bar(HDR_EMPTY, hs), (hu - 1) & 1);
         if (b != staged) { /* a new sequence: its table into shared memory */
@@ -408,11 +451,12 @@ __device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, in
             hd.b = b;
             hd.h = h;
             hd.i0 = br.i0;
-            hd.q_len = br.q_len;
             hd.q_start = br.q_start;
             hd.p0 = br.p0;
+            hd.q_rows = nh * rows;
+            hd.rph = nh > 1 ? rows : BM;
         }
-        const int sg = view.seg(br.p0 + pt);
+        const int sg = view.seg(br.p0 + (nh > 1 ? pt % rows : pt));
         const bool row_global = view.kind_of(sg) == SF_GLOBAL;
         hd.rows[pt] = sg | (row_global ? ROW_GLOBAL : 0);
         mbar_arrive(sm.bar(HDR_FULL, hs));
@@ -447,7 +491,8 @@ __device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, in
         const int qs = hs, qu = hu;
         if (qu > 0) mbar_wait(sm.bar(Q_EMPTY, qs), (qu - 1) & 1);
         const uint16_t *qbase = a.q + br.b * a.q_sb + br.h * a.q_sh + (int64_t)(br.q_start + br.i0) * a.q_st;
-        load_rows_sw128<BM>(sm.q(qs), qbase, a.q_st, br.q_len - br.i0, pt); /* past q_len: zeros */
+        if (nh > 1) load_packed_rows_sw128<BM>(sm.q(qs), qbase, a.q_sh, a.q_st, rows, nh * rows, pt);
+        else load_rows_sw128<BM>(sm.q(qs), qbase, a.q_st, rows, pt); /* past q_len: zeros */
         cp_async_arrive(sm.bar(Q_FULL, qs));
         issue_step(br.jlast, -1, n & 1, n >> 1);
 
@@ -576,13 +621,17 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
          * knows them warp-uniform (a wgmma on a path it takes for divergent serialises the
          * whole wgmma pipeline) */
         if (__shfl_sync(0xffffffffu, hd.item, 0) < 0) break;
-        const int b = hd.b, h = hd.h, i0 = hd.i0, q_len = hd.q_len, q_start = hd.q_start;
+        const int b = hd.b, h = hd.h, i0 = hd.i0, q_start = hd.q_start;
+        const int q_rows = __shfl_sync(0xffffffffu, hd.q_rows, 0), rph = hd.rph;
         int qpos[2], qseg[2]; /* this thread's two rows: g and g + 8 of its warp's 16 */
+        int qhead[2], qrow[2]; /* their head and their row in the sequence */
         bool qglob[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int32_t rf = hd.rows[row_of[r]];
-            qpos[r] = hd.p0 + row_of[r];
+            qhead[r] = h + row_of[r] / rph;
+            qrow[r] = i0 + row_of[r] % rph;
+            qpos[r] = hd.p0 + row_of[r] % rph;
             qseg[r] = rf & ~ROW_GLOBAL;
             qglob[r] = (rf & ROW_GLOBAL) != 0;
         }
@@ -592,10 +641,10 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
         mbar_wait(sm.bar(Q_FULL, qs), (k >> 1) & 1);
         fence_proxy_async(); /* the copies' bytes, seen by the tensor cores */
         /* An item of at most 64 valid rows (a sequence's last, such as a global tail of 16
-         * queries that sees every key) leaves warpgroup 1 without rows: it only paces
-         * itself through the item's steps, releasing each stage, and warpgroup 0 works
-         * alone, without taking turns (so both skip the same turns). */
-        alone = __shfl_sync(0xffffffffu, i0 + 64 >= q_len, 0);
+         * queries of three heads, which sees every key) leaves warpgroup 1 without rows: it
+         * only paces itself through the item's steps, releasing each stage, and warpgroup 0
+         * works alone, without taking turns (so both skip the same turns). */
+        alone = q_rows <= 64;
         if (alone && wg == 1) {
             for (;;) {
                 const int st = n & 1, use = n >> 1;
@@ -771,17 +820,17 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float lt = quad_sum(l[r]);
-            const int i = i0 + row_of[r];
-            if (i >= q_len) continue;
+            if (row_of[r] >= q_rows) continue;
+            const int i = qrow[r], hh = qhead[r];
             const float inv = lt > 0.f ? 1.f / lt : 0.f;
-            uint16_t *orow = a.out + b * a.o_sb + h * a.o_sh + (int64_t)(q_start + i) * a.o_st;
+            uint16_t *orow = a.out + b * a.o_sb + hh * a.o_sh + (int64_t)(q_start + i) * a.o_st;
 #pragma unroll
             for (int nb = 0; nb < 16; ++nb) { /* columns 8nb + 2c4, +1 */
                 const uint32_t pk = Pack2<T>::pack(o[nb * 4 + 2 * r] * inv, o[nb * 4 + 2 * r + 1] * inv);
                 *reinterpret_cast<uint32_t *>(orow + nb * 8 + 2 * c4) = pk;
             }
             if (a.lse != nullptr && c4 == 0)
-                a.lse[b * a.lse_sb + h * a.lse_sh + q_start + i] =
+                a.lse[b * a.lse_sb + hh * a.lse_sh + q_start + i] =
                     lt > 0.f ? (m[r] + log2f(lt)) * kLn2 : -INFINITY;
         }
     }

@@ -21,9 +21,11 @@
  * (plan.cuh): before touching K/V the producer classifies every key tile at or before the
  * item's last query from the segment table (classify_rect); empty tiles never enter the
  * plan, full tiles run without mask arithmetic, partial tiles evaluate the mask and bias
- * in registers. An item with no global row and no shared segment before its rows skips
- * the classification: its plan is a range of tiles (SimplePlan), which takes the plan off
- * the producer's path between two items. Tiles are processed from the diagonal down.
+ * in registers (those masked only by causality, such as the diagonal tile of an item whose
+ * rows lie in one segment, compare positions and read no per-key facts). An item with no
+ * global row and no shared segment before its rows skips the classification: its plan is
+ * a range of tiles (SimplePlan), which takes the plan off the producer's path between two
+ * items. Tiles are processed from the diagonal down.
  * S = Q K^T is wgmma with both operands in shared memory; O += P V is wgmma with P in
  * registers (the S accumulator converted in place) and V in shared memory read N-major
  * (the transpose bit). Softmax is online, fp32, base 2. Each warpgroup issues Q K^T of
@@ -317,6 +319,10 @@ constexpr int32_t ROW_GLOBAL = 1 << 30;
  * round (no K; P V of the round's last tile), which may close the item too. */
 constexpr uint32_t CLOSE_BIT = 0x40000000u;
 constexpr uint32_t LAST_BIT = 0x20000000u;
+/* A partial tile whose only mask is causality (key <= query): every row sees every earlier
+ * key of it, with no bias. Its mask needs no per-key facts. */
+constexpr uint32_t CAUSAL_BIT = 0x10000000u;
+constexpr uint32_t TILE_BITS = 0x0FFFFFFFu; /* the tile index of an entry */
 
 constexpr int OFF_HDR = OFF_FACTS + FACT_SLOTS * 2 * BN * 4;
 constexpr int OFF_ENTRY = OFF_HDR + 2 * (int)sizeof(ItemHeader);
@@ -383,9 +389,13 @@ __device__ __forceinline__ bool producer_any(bool x)
  */
 struct SimplePlan {
     int jlo, full_lo, full_hi; /* tiles jlo .. the diagonal; full ones */
+    bool one_segment;          /* every row lies in sg0 */
     __device__ __forceinline__ uint32_t entry(int j) const
     {
-        return plan_entry(j, j >= full_lo && j <= full_hi ? SF_BLOCK_FULL : SF_BLOCK_PARTIAL);
+        if (j >= full_lo && j <= full_hi) return plan_entry(j, SF_BLOCK_FULL);
+        /* past the full range, with all rows in sg0 and the tile inside it, only
+         * causality masks (the diagonal tiles) */
+        return plan_entry(j, SF_BLOCK_PARTIAL) | (one_segment && j >= full_lo ? CAUSAL_BIT : 0u);
     }
 };
 template <int BN>
@@ -394,7 +404,8 @@ __device__ __forceinline__ SimplePlan simple_plan(const SegView &view, const Blo
 {
     const int k_lo = sg0 > 0 ? view.end_of(sg0 - 1) : 0;
     const bool one = sg0 == sg1 || view.kind_of(sg0) == SF_SHARED;
-    return SimplePlan{k_lo / BN, (k_lo + BN - 1) / BN, one ? min(br.p0 + 1, br.kv_len) / BN - 1 : -1};
+    return SimplePlan{k_lo / BN, (k_lo + BN - 1) / BN, one ? min(br.p0 + 1, br.kv_len) / BN - 1 : -1,
+                      sg0 == sg1};
 }
 
 /* ------------------------------------------------------------ the producer */
@@ -496,7 +507,7 @@ __device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, in
         cp_async_arrive(sm.bar(Q_FULL, qs));
         issue_step(br.jlast, -1, n & 1, n >> 1);
 
-        const SimplePlan sp = classify ? SimplePlan{0, 0, -1} : simple_plan<BN>(view, br, sg0, sg1);
+        const SimplePlan sp = classify ? SimplePlan{0, 0, -1, false} : simple_plan<BN>(view, br, sg0, sg1);
 
         bool first = true;
         for (int jtop = br.jlast + 1; jtop > sp.jlo; jtop -= PLAN_CAP) {
@@ -515,10 +526,10 @@ __device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, in
             for (int i = 0; i <= nplan; ++i, ++n) {
                 const int st = n & 1, use = n >> 1;
                 const uint32_t ek = i < nplan ? s_plan[nplan - 1 - i] : close;
-                const int jk = i < nplan ? (int)(ek & ~FULL_BIT) : -1;
-                const int jv = i > 0 ? (int)(s_plan[nplan - i] & ~FULL_BIT) : -1;
+                const int jk = i < nplan ? (int)(ek & TILE_BITS) : -1;
+                const int jv = i > 0 ? (int)(s_plan[nplan - i] & TILE_BITS) : -1;
                 if (!first) issue_step(jk, jv, st, use); /* the first was issued above */
-                if (jk >= 0 && !(ek & FULL_BIT)) { /* per-key facts for the mask */
+                if (jk >= 0 && !(ek & (FULL_BIT | CAUSAL_BIT))) { /* per-key facts for the mask */
                     int32_t *fseg = sm.facts(n);
                     key_facts(view, jk * BN + pt, &fseg[pt], reinterpret_cast<float *>(fseg + BN) + pt);
                 }
@@ -624,13 +635,10 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
         const int b = hd.b, h = hd.h, i0 = hd.i0, q_start = hd.q_start;
         const int q_rows = __shfl_sync(0xffffffffu, hd.q_rows, 0), rph = hd.rph;
         int qpos[2], qseg[2]; /* this thread's two rows: g and g + 8 of its warp's 16 */
-        int qhead[2], qrow[2]; /* their head and their row in the sequence */
         bool qglob[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int32_t rf = hd.rows[row_of[r]];
-            qhead[r] = h + row_of[r] / rph;
-            qrow[r] = i0 + row_of[r] % rph;
             qpos[r] = hd.p0 + row_of[r] % rph;
             qseg[r] = rf & ~ROW_GLOBAL;
             qglob[r] = (rf & ROW_GLOBAL) != 0;
@@ -701,7 +709,7 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
                  * order as one turn; K is released and the mask applied once S is in.
                  * (The Q K^T issue is unconditional: ptxas serialises the wgmma pipeline when
                  * an accumulator may or may not have been defined by one.) */
-                const int j = (int)(e & ~FULL_BIT);
+                const int j = (int)(e & TILE_BITS);
                 const bool full = (e & FULL_BIT) != 0;
                 turn_wait();
                 fence_regs<64>(s);
@@ -723,7 +731,21 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
                 /* Full tiles keep raw scores (scaled inside the exponential); partial tiles get
                  * the scale, mask and bias here, in base 2. */
                 float sc = a.scale_log2;
-                if (!full) {
+                if (!full && (e & CAUSAL_BIT)) { /* key <= query only: no facts to read */
+                    sc = 1.f;
+                    int lim[2]; /* the last column row r sees, less this thread's column 2 c4 */
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) lim[r] = qpos[r] - j * BN - 2 * c4;
+#pragma unroll
+                    for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+                        for (int y = 0; y < 2; ++y)
+#pragma unroll
+                            for (int r = 0; r < 2; ++r) {
+                                float &x = s[nb * 4 + r * 2 + y];
+                                x = nb * 8 + y <= lim[r] ? x * a.scale_log2 : -INFINITY;
+                            }
+                } else if (!full) {
                     sc = 1.f;
                     const int32_t *fseg = sm.facts(n);
                     const float *fbias = reinterpret_cast<const float *>(fseg + BN);
@@ -814,25 +836,61 @@ __device__ __forceinline__ void consume(const PrefillArgs &a, const Smem &sm, in
             ++n;
             pending = true;
         }
-        mbar_arrive(sm.bar(Q_EMPTY, qs)); /* every Q K^T of the item is done */
-
-        /* the item's output: normalise and write the valid rows */
+        /* The item's output. Every product of the item is done, so this warpgroup's 64 rows
+         * of the Q buffer are free: O goes there first (normalised, 16-bit, in Q's swizzled
+         * layout, where the accumulator layout's stores meet no bank conflict), then to global
+         * memory as 16-byte chunks, 16 threads to a row. Stored straight from the accumulator
+         * layout, each warp store wrote 16 bytes to each of 8 rows; those 32 stores per thread
+         * took ~3,900 cycles per item in a clock trace on an H100, the length of a whole tile
+         * step, while the tensor cores waited for the next item. The Q buffer is handed back
+         * once the chunks are read. (The op allocates the output, so its rows are 16-byte
+         * aligned.) */
+        uint8_t *q_buf = sm.p + OFF_Q + qs * QBUF;
+        /* global row of tile row rr: head h + rr / rph, row i0 + rr % rph (rph = BM unless
+         * the item packs heads) */
+        auto out_row = [&](int rr, int &hh, int &i) {
+            hh = h;
+            i = i0 + rr;
+            if (rph != BM) {
+                hh = h + rr / rph;
+                i = i0 + rr % rph;
+            }
+        };
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float lt = quad_sum(l[r]);
-            if (row_of[r] >= q_rows) continue;
-            const int i = qrow[r], hh = qhead[r];
             const float inv = lt > 0.f ? 1.f / lt : 0.f;
-            uint16_t *orow = a.out + b * a.o_sb + hh * a.o_sh + (int64_t)(q_start + i) * a.o_st;
+            const int rr = row_of[r];
+            uint8_t *srow = q_buf + rr * 128;
 #pragma unroll
-            for (int nb = 0; nb < 16; ++nb) { /* columns 8nb + 2c4, +1 */
+            for (int nb = 0; nb < 16; ++nb) { /* columns 8nb + 2c4, +1: chunk nb % 8 of half nb / 8 */
                 const uint32_t pk = Pack2<T>::pack(o[nb * 4 + 2 * r] * inv, o[nb * 4 + 2 * r + 1] * inv);
-                *reinterpret_cast<uint32_t *>(orow + nb * 8 + 2 * c4) = pk;
+                *reinterpret_cast<uint32_t *>(srow + (nb >> 3) * HALF_Q + (((nb & 7) ^ (rr & 7)) << 4) + c4 * 4) = pk;
             }
-            if (a.lse != nullptr && c4 == 0)
+            if (a.lse != nullptr && c4 == 0 && rr < q_rows) {
+                int hh, i;
+                out_row(rr, hh, i);
                 a.lse[b * a.lse_sb + hh * a.lse_sh + q_start + i] =
                     lt > 0.f ? (m[r] + log2f(lt)) * kLn2 : -INFINITY;
+            }
         }
+        if (wg == 0) asm volatile("bar.sync 4, 128;\n" ::: "memory");
+        else asm volatile("bar.sync 5, 128;\n" ::: "memory");
+        {
+            const int t = tid & 127, ch = t & 15;
+#pragma unroll
+            for (int it = 0; it < 8; ++it) {
+                const int rr = wg * 64 + (t >> 4) + 8 * it;
+                if (rr >= q_rows) break;
+                const uint4 v = *reinterpret_cast<const uint4 *>(q_buf + (ch >> 3) * HALF_Q + rr * 128 +
+                                                                 (((ch & 7) ^ (rr & 7)) << 4));
+                int hh, i;
+                out_row(rr, hh, i);
+                *reinterpret_cast<uint4 *>(a.out + b * a.o_sb + hh * a.o_sh + (int64_t)(q_start + i) * a.o_st +
+                                           ch * 8) = v;
+            }
+        }
+        mbar_arrive(sm.bar(Q_EMPTY, qs)); /* every product of the item is done, O read back */
     }
     alone = false; /* the closing wait is a real one, whatever the last item was */
     if (wg == 0) turn_wait(); /* the turn warpgroup 1 handed over after the last */

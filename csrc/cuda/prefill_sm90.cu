@@ -292,10 +292,10 @@ __device__ __forceinline__ int heads_per_item(int group, int rows)
  * rows of one head of one sequence - from a counter until none is left, in the order of a
  * one-block-per-tile grid (x: head, y: tile from the end, z: sequence), so the tiles with
  * the most keys go first. (An item that packs nh heads is taken by its first head; the
- * others' counter values are skipped.) While the consumers finish one item (its last products and
- * the output), the producer already plans the next, loads its Q into the other Q buffer
- * and streams its first tiles: the start and the end of an item no longer leave the
- * tensor cores idle.
+ * others' counter values are skipped.) While the consumers finish one item (its last
+ * products and the output), the producer already plans the next, loads its Q into the
+ * other Q buffer and streams its first tiles: the start and the end of an item no longer
+ * leave the tensor cores idle.
  *
  * Each launch takes a pair of counters (items handed out, blocks done) from a pool; the
  * last block to finish sets its pair back to zero, so every launch, and every replay of a

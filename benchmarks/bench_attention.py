@@ -16,7 +16,13 @@ calls to last at least 0.5 ms, so its own launch latency stays out too):
   sdpa mask       SDPA with the dense boolean mask
   sdpa loop       one SDPA call per segment (the tail against every key)
 
-Useful TFLOP/s count only allowed (q, k) pairs: 4 * pairs * head_dim * heads_q.
+Useful TFLOP/s count only allowed (q, k) pairs: 4 * pairs * head_dim * heads_q. The SM
+clock (median of readings between repetitions, gpu_clock.py) is reported for the segflex
+kernel and flex: under sustained load the GPU lowers it to stay within its power limit.
+(On an H100 the segflex kernel runs 16x2048+16 at the 700 W power limit. Timed in a fresh
+process, within its first second of load, it ran at ~1650-1700 MHz; here, after the other
+configs and the op's and the wrapper's timings of the same config, at 1500-1635 MHz and
+4-6% slower. A 5 s pause between configs did not change that.)
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ import math
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
+
+from gpu_clock import ClockSamples
 
 
 def _torch():
@@ -37,6 +46,13 @@ def _torch():
 
 
 MIN_REPLAY_MS = 0.5  # a replay of the calls timed lasts at least this long
+
+
+class Timing(NamedTuple):
+    ms: float            # median milliseconds per call
+    mode: str            # "graph" or "eager"
+    mhz: float | None    # median SM clock between the timed repetitions (None without NVML)
+    watts: float | None  # median power draw, likewise
 
 
 def _replay_ms(run) -> float:
@@ -49,14 +65,14 @@ def _replay_ms(run) -> float:
     return a.elapsed_time(b)
 
 
-def bench(fn, inner: int | None = None, reps: int = 30, graph: bool = True) -> tuple[float, str]:
+def bench(fn, inner: int | None = None, reps: int = 30, graph: bool = True) -> Timing:
     """Median milliseconds per call of fn: CUDA-graph replays of `inner` calls, else eager.
 
     The time of a replay includes the latency of launching it (a few microseconds), which
     is not the calls' own. Unless `inner` is given, a graph of 10 calls whose replay takes
     less than MIN_REPLAY_MS is captured again with proportionally more calls (at most 500),
     so that this latency stays a small part of each call's time, the same way for every
-    method."""
+    method. The SM clock and the power draw are read after every repetition."""
     adapt = inner is None
     inner = 10 if inner is None else inner
     torch = _torch()
@@ -101,8 +117,12 @@ def bench(fn, inner: int | None = None, reps: int = 30, graph: bool = True) -> t
                 fn()
     run()
     torch.cuda.synchronize()
-    times = [_replay_ms(run) / inner for _ in range(reps)]
-    return statistics.median(times), mode
+    clocks = ClockSamples()
+    times = []
+    for _ in range(reps):
+        times.append(_replay_ms(run) / inner)
+        clocks.sample()
+    return Timing(statistics.median(times), mode, clocks.median_mhz(), clocks.median_watts())
 
 
 def allowed_pairs(layout) -> int:
@@ -168,9 +188,10 @@ def run_config(name, lays, hq=24, hkv=8, d=128, flex_ok=True):
         qp, kp, vp, table, cu_seqlens_q=cu, cu_seqlens_k=cu), graph=False)[0]
     geo = ops._tensor_geometry(qp, kp, table.seg_ptr, table.seg_end, cu, cu, max(lens))
     out = torch.empty_like(qp)
-    row["segflex kernel"] = bench(lambda: ops._call(
-        1, table, geo, qp, kp, vp, out, None, scale, hq, hkv, d, None,
-        torch.cuda.current_stream().cuda_stream))[0]
+    t = bench(lambda: ops._call(1, table, geo, qp, kp, vp, out, None, scale, hq, hkv, d, None,
+                                torch.cuda.current_stream().cuda_stream))
+    row["segflex kernel"] = t.ms
+    row["MHz segflex kernel"], row["W segflex kernel"] = t.mhz, t.watts
 
     # the same data, padded [B, H, L, D], for the others
     q = torch.zeros(B, hq, L, d, device=dev, dtype=dt)
@@ -207,7 +228,9 @@ def run_config(name, lays, hq=24, hkv=8, d=128, flex_ok=True):
                 lambda: create_block_mask(mm, B, None, L, L, device=dev, _compile=True),
                 inner=1, reps=5, graph=False)[0]
             flex = torch.compile(flex_attention, dynamic=False)
-            row["flex"] = bench(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True))[0]
+            t = bench(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True))
+            row["flex"] = t.ms
+            row["MHz flex"], row["W flex"] = t.mhz, t.watts
         except Exception as exc:
             print(f"  flex failed on {name}: {type(exc).__name__}: {str(exc)[:200]}",
                   file=sys.stderr)
@@ -265,7 +288,8 @@ COLUMNS = ["segflex op", "segflex kernel", "flex", "sdpa causal", "sdpa mask", "
 
 def print_table(rows) -> None:
     head = (f"{'config':<20}" + "".join(f"{c:>15}" for c in COLUMNS) +
-            f"{'TF/s sf':>9}{'TF/s flex':>10}{'x flex':>8}{'flex mask':>11}{'sf mask':>9}")
+            f"{'TF/s sf':>9}{'TF/s flex':>10}{'x flex':>8}{'flex mask':>11}{'sf mask':>9}"
+            f"{'MHz sf':>8}{'MHz flex':>9}")
     print("times in microseconds (median, CUDA graph replays); mask columns: build time")
     print(head)
     for r in rows:
@@ -275,7 +299,12 @@ def print_table(rows) -> None:
               f"{r.get('useful TFLOP/s flex', float('nan')):>10.1f}"
               f"{r.get('speedup kernel vs flex', float('nan')):>8.2f}"
               f"{r.get('flex create_block_mask', float('nan')) * 1e3:>11.0f}"
-              f"{r.get('segflex mask kernel', float('nan')) * 1e3:>9.1f}")
+              f"{r.get('segflex mask kernel', float('nan')) * 1e3:>9.1f}"
+              f"{_mhz(r.get('MHz segflex kernel')):>8}{_mhz(r.get('MHz flex')):>9}")
+
+
+def _mhz(x) -> str:
+    return "-" if x is None else f"{x:.0f}"
 
 
 def main(argv=None) -> int:

@@ -3,9 +3,10 @@
     python benchmarks/bench_decode.py --device cuda [--json out.json]
 
 One new token per sequence, 24 query / 8 KV heads, d=128, bf16; caches of 256, 2k, 8k and
-32k tokens at batch 1, and 2k at batch 32. Reported: median time (CUDA-graph replays
-of at least 0.5 ms, CUDA events), GB/s of K/V read (each cached byte once) and that rate as a fraction of the
-device-to-device copy bandwidth measured in the same run (bytes read + bytes written).
+32k tokens at batch 1, and 2k at batch 32. Reported: median time (CUDA-graph replays of
+at least 0.5 ms, CUDA events; segflex and SDPA in alternating rounds), GB/s of K/V read
+(each cached byte once), that rate as a fraction of the device-to-device copy bandwidth
+measured in the same run (bytes read + bytes written), and the SM clock while each ran.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 
-from bench_attention import bench
+from bench_attention import _mhz, bench
+
+ROUNDS = 3  # alternating timing rounds of segflex and SDPA per case
 
 
 def copy_bandwidth() -> float:
@@ -24,7 +28,7 @@ def copy_bandwidth() -> float:
     n = 1 << 30
     x = torch.empty(n, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    ms, _ = bench(lambda: y.copy_(x), inner=2, reps=10)
+    ms = bench(lambda: y.copy_(x), inner=2, reps=10).ms
     return 2 * n / (ms * 1e-3) / 1e9
 
 
@@ -40,12 +44,24 @@ def run_case(B: int, L: int, hq=24, hkv=8, d=128, flex_ok=True) -> dict:
     lens = torch.full((B,), L, dtype=torch.int32, device=dev)
     kv_bytes = 2 * B * hkv * L * d * 2
     row = {"batch": B, "cache": L, "kv MB": kv_bytes / 1e6}
-    row["segflex"] = bench(lambda: segflex.decode(q, kc, vc, lens))[0]
     ref = torch.nn.functional.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
     row["max |segflex - sdpa|"] = (segflex.decode(q, kc, vc, lens).float() -
                                    ref.float()).abs().max().item()
-    row["sdpa"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q, kc, vc, enable_gqa=True))[0]
+    # segflex and SDPA come close at some sizes, so they are timed in alternating rounds
+    # (neither always runs on the GPU the other has just warmed); each reports the median
+    # of its rounds' medians.
+    runs = {"segflex": lambda: segflex.decode(q, kc, vc, lens),
+            "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, kc, vc, enable_gqa=True)}
+    timings = {m: [] for m in runs}
+    for _ in range(ROUNDS):
+        for m, fn in runs.items():
+            timings[m].append(bench(fn))
+    for m, ts in timings.items():
+        row[m] = statistics.median(t.ms for t in ts)
+        row[f"{m} rounds"] = [t.ms for t in ts]
+        mhz = [t.mhz for t in ts if t.mhz is not None]
+        row[f"MHz {m}"] = statistics.median(mhz) if mhz else None
     if flex_ok:
         try:
             flex = torch.compile(flex_attention, dynamic=False)
@@ -78,13 +94,15 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     print("times in microseconds; GB/s of K/V read; % of the measured copy bandwidth")
     print(f"{'batch x cache':<15}{'segflex':>9}{'sdpa':>9}{'flex':>9}{'GB/s sf':>9}"
-          f"{'GB/s sdpa':>10}{'GB/s flex':>10}{'% copy sf':>10}{'x sdpa':>8}")
+          f"{'GB/s sdpa':>10}{'GB/s flex':>10}{'% copy sf':>10}{'x sdpa':>8}{'MHz sf':>8}"
+          f"{'MHz sdpa':>9}")
     for r in rows:
         f = r.get("flex", math.nan) * 1e3
         print(f"{str(r['batch']) + ' x ' + str(r['cache']):<15}{r['segflex'] * 1e3:>9.1f}"
               f"{r['sdpa'] * 1e3:>9.1f}{f:>9.1f}{r['GB/s segflex']:>9.0f}{r['GB/s sdpa']:>10.0f}"
               f"{r.get('GB/s flex', math.nan):>10.0f}{100 * r['GB/s segflex'] / bw:>10.1f}"
-              f"{r['sdpa'] / r['segflex']:>8.2f}")
+              f"{r['sdpa'] / r['segflex']:>8.2f}{_mhz(r.get('MHz segflex')):>8}"
+              f"{_mhz(r.get('MHz sdpa')):>9}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -27,6 +27,16 @@ struct BlockRows {
     int jlast;  /* the diagonal key tile of BN keys: never empty (query p1 sees key p1) */
 };
 
+/* The fields of r that follow from its head, sequence, first row and lengths. */
+template <int BM, int BN> __device__ __forceinline__ void finish_rows(const AttnArgs &a, BlockRows &r)
+{
+    r.hk = r.h / a.group;
+    const int off = r.kv_len - r.q_len; /* position of query row 0 */
+    r.p0 = off + r.i0;
+    r.p1 = off + min(r.i0 + BM, r.q_len) - 1;
+    r.jlast = r.p1 / BN;
+}
+
 /* Fills r for query head h, sequence b and the tile of BM rows that is `from_end` tiles
  * before the last of `tiles`; false when the tile lies past the sequence's q_len (nothing to
  * do). The four lengths and starts are loaded together, before anything depends on them.
@@ -52,11 +62,7 @@ __device__ __forceinline__ bool rows_at(const AttnArgs &a, int h, int b, int fro
                           ? ((r.q_len - 1 - r.i0) | r.kv_len | r.q_start | r.k_start | pending) < 0
                           : r.i0 >= r.q_len;
     if (past) return false;
-    r.hk = r.h / a.group;
-    const int off = r.kv_len - r.q_len; /* position of query row 0 */
-    r.p0 = off + r.i0;
-    r.p1 = off + min(r.i0 + BM, r.q_len) - 1;
-    r.jlast = r.p1 / BN;
+    finish_rows<BM, BN>(a, r);
     return true;
 }
 

@@ -1,0 +1,82 @@
+"""The GPU's SM clock and power draw while a benchmark times something (NVML via ctypes).
+
+A kernel's time scales with the SM clock, and an H100 lowers its clock when it reaches its
+power limit, so the same kernel can time several percent apart depending on what ran
+before it. The benchmarks sample the clock between timed repetitions and report it next to
+each time, so that two numbers are compared knowing the clocks they ran at.
+
+NVML ships with the NVIDIA driver (libnvidia-ml.so.1); no Python package is needed. Where
+it cannot be loaded, every reading is None.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+
+_NVML_CLOCK_SM = 1
+
+
+class _Nvml:
+    def __init__(self) -> None:
+        self.lib = None
+        self.handle = ctypes.c_void_p()
+        try:
+            lib = ctypes.CDLL("libnvidia-ml.so.1")
+            if lib.nvmlInit_v2() != 0:
+                return
+            import torch
+            index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+            if lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(self.handle)) != 0:
+                return
+            self.lib = lib
+        except (OSError, AttributeError):
+            self.lib = None
+
+    def sm_mhz(self) -> int | None:
+        if self.lib is None:
+            return None
+        v = ctypes.c_uint()
+        if self.lib.nvmlDeviceGetClockInfo(self.handle, _NVML_CLOCK_SM, ctypes.byref(v)) != 0:
+            return None
+        return int(v.value)
+
+    def watts(self) -> float | None:
+        if self.lib is None:
+            return None
+        v = ctypes.c_uint()
+        if self.lib.nvmlDeviceGetPowerUsage(self.handle, ctypes.byref(v)) != 0:
+            return None
+        return v.value / 1000.0
+
+
+_nvml: _Nvml | None = None
+
+
+def _get() -> _Nvml:
+    global _nvml
+    if _nvml is None:
+        _nvml = _Nvml()
+    return _nvml
+
+
+class ClockSamples:
+    """Readings taken between repetitions; median() of each, or None without NVML."""
+
+    def __init__(self) -> None:
+        self.mhz: list[int] = []
+        self.watts: list[float] = []
+
+    def sample(self) -> None:
+        nv = _get()
+        mhz, w = nv.sm_mhz(), nv.watts()
+        if mhz is not None:
+            self.mhz.append(mhz)
+        if w is not None:
+            self.watts.append(w)
+
+    def median_mhz(self) -> float | None:
+        return statistics.median(self.mhz) if self.mhz else None
+
+    def median_watts(self) -> float | None:
+        return statistics.median(self.watts) if self.watts else None

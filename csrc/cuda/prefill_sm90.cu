@@ -470,10 +470,10 @@ __device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, in
             return true;
         }
     };
-    /* Q of item k into buffer k & 1, once the consumers of item k - 2 are done with it */
-    auto issue_q = [&](const TakenItem &it, int k) {
+    /* Q of item k (rows per head, nh heads) into buffer k & 1, once the consumers of item
+     * k - 2 are done with it */
+    auto issue_q = [&](const TakenItem &it, int k, int rows, int nh) {
         const int qs = k & 1, qu = k >> 1;
-        const int rows = min(BM, it.q_len - it.i0), nh = heads_per_item(a.group, rows);
         if (qu > 0) mbar_wait(sm.bar(Q_EMPTY, qs), (qu - 1) & 1);
         const uint16_t *qbase = a.q + it.b * a.q_sb + it.h * a.q_sh + (int64_t)(it.q_start + it.i0) * a.q_st;
         if (nh > 1) load_packed_rows_sw128<BM>(sm.q(qs), qbase, a.q_sh, a.q_st, rows, nh * rows, pt);
@@ -490,7 +490,7 @@ __device__ __forceinline__ void produce(const PrefillArgs &a, const Smem &sm, in
     for (; have; ++k) {
         const BlockRows br = rows_of(a, cur);
         const int rows = min(BM, br.q_len - br.i0), nh = heads_per_item(a.group, rows);
-        issue_q(cur, k); /* first: the consumers wait for it before anything else */
+        issue_q(cur, k, rows, nh); /* first: the consumers wait for it before anything else */
         const int hs = k & 1, hu = k >> 1;
         ItemHeader &hd = sm.hdr(hs);
         if (hu > 0) mbar_wait(sm.bar(HDR_EMPTY, hs), (hu - 1) & 1);

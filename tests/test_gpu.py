@@ -598,6 +598,14 @@ def test_smoke_all_paths():
         ref, _ = reference(q[0, :, -2:], k[0], v[0], mask, bias, 1 / math.sqrt(d))
         check_close(dec[0], ref, sdpa_peer(q[0, :, -2:], k[0], v[0], mask, bias,
                                            1 / math.sqrt(d)), "smoke decode")
+    # a cache long enough to be split over several blocks, so the merge of the splits runs too
+    n_long = 1000
+    q, kc, vc = random_cache([n_long], 3, 1, 2, 128, n_long + 5, torch.bfloat16, gen)
+    lays = [bias_layout(n_long)]
+    dec = segflex.decode(q, kc, vc, torch.tensor([n_long], dtype=torch.int32, device="cuda"),
+                         layouts=lays)
+    refs, peers = decode_reference(q, kc, vc, [n_long], lays, 1 / math.sqrt(128))
+    check_close(dec[0], refs[0][0], peers[0], "smoke split decode")
     cpu = segflex.build_block_mask([lay], block_size=32)
     gpu = segflex.build_block_mask([lay], block_size=32, device="cuda")
     assert np.array_equal(np.asarray(cpu.kv_indices), gpu.kv_indices.cpu().numpy())

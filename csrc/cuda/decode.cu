@@ -129,10 +129,10 @@ __device__ __forceinline__ void write_merged_row(const DecodeArgs &a, int b, int
  * D/32 output elements. Every split of the grid wrote its partial row (an empty split:
  * zeros and -inf), so all loads are unconditional and issued 32 splits at a time, before
  * the weights are known: a merge of up to 32 splits costs one round trip to L2. Loads go
- * to L2 (.cg): the partials were written by other blocks of this grid. */
+ * to L2 (.cg): the partials were written by other blocks (of this grid or the one before). */
 template <typename T, int D>
 __device__ __forceinline__ void merge_row(const DecodeArgs &a, int b, int h, int t, int q_start,
-                                          int lane)
+                                          int lane, bool write = true)
 {
     constexpr int E = D / 32;
     typedef typename std::conditional<E == 4, float4, float2>::type Vec;
@@ -173,7 +173,7 @@ __device__ __forceinline__ void merge_row(const DecodeArgs &a, int b, int h, int
             }
         }
     }
-    write_merged_row<T, E>(a, b, h, t, q_start, lane, acc, sum, mx);
+    if (write) write_merged_row<T, E>(a, b, h, t, q_start, lane, acc, sum, mx);
 }
 
 /* Called by every thread of a block after it wrote its split's partial rows: the block that
@@ -435,44 +435,24 @@ __global__ void __launch_bounds__(THREADS, 2) decode_kernel(const DecodeArgs a)
             write_row<T, D>(a, r, hrow[r], trow[r], b, q_start, split, c4, m, l, o);
 }
 
-/* Merges the splits of one row: one warp; lanes first hold the splits' weights (split s in
- * lane s % 32), then each lane sums D/32 output elements over all splits, with the loads of
- * different splits independent so that many are in flight. */
+/* Merges the splits of one row: one warp (merge_row). The row's lengths and all its partial
+ * results are loaded at once, so the merge costs one round trip to L2 after the split
+ * kernel's writes become visible. (Loading the partials only once the row was known to
+ * exist, and each split's only once its weight was, made three trips in a row: on an H100,
+ * 24 q / 8 kv heads, d = 128, one new token, three rounds in alternating processes against
+ * that build, 1 x 2k took 6.85-6.95 us against 7.40-7.50, 1 x 8k 10.8-11.0 against
+ * 11.3-11.6, 1 x 32k 50.2-50.4 against 51.0-51.6; SDPA 7.3-7.4, 11.7-12.0, 51.5-52.3.)
+ * A row past its sequence's new tokens reads partials no split wrote, inside the
+ * workspace, and writes nothing. */
 template <typename T, int D>
 __global__ void __launch_bounds__(32) combine_kernel(const DecodeArgs a)
 {
     /* launched as a programmatic dependent of decode_kernel: wait for its results */
     grid_dependency_wait();
     grid_dependents_launch();
-    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, lane = threadIdx.x;
-    if (t >= a.q_len[b]) return;
-    const int q_start = a.q_start[b];
-    const int64_t row_id = ((int64_t)b * a.heads_q + h) * a.max_q + t;
-    const float *pl = a.part_lse + row_id * a.nsplit;
-    const float l0 = lane < a.nsplit ? pl[lane] : -INFINITY;
-    const float l1 = lane + 32 < a.nsplit ? pl[lane + 32] : -INFINITY;
-    float mx, w0, w1, sum;
-    split_weights(l0, l1, mx, w0, w1, sum);
-
-    constexpr int E = D / 32;
-    float acc[E];
-#pragma unroll
-    for (int e = 0; e < E; ++e) acc[e] = 0.f;
-    const float *po = a.part_o + row_id * a.nsplit * D + lane * E;
-#pragma unroll 8
-    for (int s = 0; s < a.nsplit; ++s) {
-        const float w = __shfl_sync(0xffffffffu, s < 32 ? w0 : w1, s & 31);
-        if (w != 0.f) { /* an empty split (weight 0) is never read */
-            if constexpr (E == 4) {
-                float4 x = *reinterpret_cast<const float4 *>(po + (int64_t)s * D);
-                acc[0] += w * x.x; acc[1] += w * x.y; acc[2] += w * x.z; acc[3] += w * x.w;
-            } else {
-                float2 x = *reinterpret_cast<const float2 *>(po + (int64_t)s * D);
-                acc[0] += w * x.x; acc[1] += w * x.y;
-            }
-        }
-    }
-    write_merged_row<T, E>(a, b, h, t, q_start, lane, acc, sum, mx);
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int q_len = a.q_len[b], q_start = a.q_start[b];
+    merge_row<T, D>(a, b, h, t, q_start, threadIdx.x, t < q_len);
 }
 
 int sm_count()

@@ -19,10 +19,12 @@ calls to last at least 0.5 ms, so its own launch latency stays out too):
 Useful TFLOP/s count only allowed (q, k) pairs: 4 * pairs * head_dim * heads_q. The SM
 clock (median of readings between repetitions, gpu_clock.py) is reported for the segflex
 kernel and flex: under sustained load the GPU lowers it to stay within its power limit.
-(On an H100 the segflex kernel runs 16x2048+16 at the 700 W power limit. Timed in a fresh
-process, within its first second of load, it ran at ~1650-1700 MHz; here, after the other
-configs and the op's and the wrapper's timings of the same config, at 1500-1635 MHz and
-4-6% slower. A 5 s pause between configs did not change that.)
+On an H100 the segflex kernel runs 16x2048+16 at the 700 W power limit, and right after
+seconds of other work at that limit (the SDPA columns, the op's own timing) it ran 4-7%
+slower than after a pause. So every method's timing starts once the GPU has cooled back to
+near its idle temperature (gpu_clock.rest, at most 5 s), and the kernel is timed a second
+time right after the SDPA columns without that rest: the "hot" column (JSON: "segflex
+kernel, no rest"), its speed under sustained load.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gpu_clock import ClockSamples
+from gpu_clock import ClockSamples, rest as rest_gpu
 
 
 def _torch():
@@ -53,6 +55,7 @@ class Timing(NamedTuple):
     mode: str            # "graph" or "eager"
     mhz: float | None    # median SM clock between the timed repetitions (None without NVML)
     watts: float | None  # median power draw, likewise
+    celsius: int | None  # GPU temperature when the timing started
 
 
 def _replay_ms(run) -> float:
@@ -65,14 +68,18 @@ def _replay_ms(run) -> float:
     return a.elapsed_time(b)
 
 
-def bench(fn, inner: int | None = None, reps: int = 30, graph: bool = True) -> Timing:
+def bench(fn, inner: int | None = None, reps: int = 30, graph: bool = True,
+          rest: bool = True) -> Timing:
     """Median milliseconds per call of fn: CUDA-graph replays of `inner` calls, else eager.
 
     The time of a replay includes the latency of launching it (a few microseconds), which
     is not the calls' own. Unless `inner` is given, a graph of 10 calls whose replay takes
     less than MIN_REPLAY_MS is captured again with proportionally more calls (at most 500),
     so that this latency stays a small part of each call's time, the same way for every
-    method. The SM clock and the power draw are read after every repetition."""
+    method. The SM clock and the power draw are read after every repetition. With `rest`,
+    the timing starts once the GPU has cooled to near its idle temperature (gpu_clock.rest),
+    so that what ran before does not set the clock of what is timed."""
+    celsius = rest_gpu() if rest else None
     adapt = inner is None
     inner = 10 if inner is None else inner
     torch = _torch()
@@ -122,7 +129,8 @@ def bench(fn, inner: int | None = None, reps: int = 30, graph: bool = True) -> T
     for _ in range(reps):
         times.append(_replay_ms(run) / inner)
         clocks.sample()
-    return Timing(statistics.median(times), mode, clocks.median_mhz(), clocks.median_watts())
+    return Timing(statistics.median(times), mode, clocks.median_mhz(), clocks.median_watts(),
+                  celsius)
 
 
 def allowed_pairs(layout) -> int:
@@ -188,10 +196,13 @@ def run_config(name, lays, hq=24, hkv=8, d=128, flex_ok=True):
         qp, kp, vp, table, cu_seqlens_q=cu, cu_seqlens_k=cu), graph=False)[0]
     geo = ops._tensor_geometry(qp, kp, table.seg_ptr, table.seg_end, cu, cu, max(lens))
     out = torch.empty_like(qp)
-    t = bench(lambda: ops._call(1, table, geo, qp, kp, vp, out, None, scale, hq, hkv, d, None,
-                                torch.cuda.current_stream().cuda_stream))
+    def kernel():
+        ops._call(1, table, geo, qp, kp, vp, out, None, scale, hq, hkv, d, None,
+                  torch.cuda.current_stream().cuda_stream)
+    t = bench(kernel)
     row["segflex kernel"] = t.ms
     row["MHz segflex kernel"], row["W segflex kernel"] = t.mhz, t.watts
+    row["C segflex kernel"] = t.celsius
 
     # the same data, padded [B, H, L, D], for the others
     q = torch.zeros(B, hq, L, d, device=dev, dtype=dt)
@@ -261,7 +272,13 @@ def run_config(name, lays, hq=24, hkv=8, d=128, flex_ok=True):
                         is_causal=True, enable_gqa=True)[0]
                 s = e
     row["sdpa loop"] = bench(loop, inner=1, reps=10)[0]
+    # the kernel once more, right after the SDPA columns and without a rest: its speed
+    # when the GPU is already hot from sustained work at the power limit
+    t = bench(kernel, rest=False)
+    row["segflex kernel, no rest"] = t.ms
+    row["MHz segflex kernel, no rest"] = t.mhz
     row["useful TFLOP/s segflex"] = flops / (row["segflex kernel"] * 1e-3) / 1e12
+    row["useful TFLOP/s segflex, no rest"] = flops / (row["segflex kernel, no rest"] * 1e-3) / 1e12
     if "flex" in row:
         row["useful TFLOP/s flex"] = flops / (row["flex"] * 1e-3) / 1e12
         row["speedup kernel vs flex"] = row["flex"] / row["segflex kernel"]
@@ -288,14 +305,16 @@ COLUMNS = ["segflex op", "segflex kernel", "flex", "sdpa causal", "sdpa mask", "
 
 def print_table(rows) -> None:
     head = (f"{'config':<20}" + "".join(f"{c:>15}" for c in COLUMNS) +
-            f"{'TF/s sf':>9}{'TF/s flex':>10}{'x flex':>8}{'flex mask':>11}{'sf mask':>9}"
+            f"{'TF/s sf':>9}{'hot sf':>8}{'TF/s flex':>10}{'x flex':>8}{'flex mask':>11}{'sf mask':>9}"
             f"{'MHz sf':>8}{'MHz flex':>9}")
-    print("times in microseconds (median, CUDA graph replays); mask columns: build time")
+    print("times in microseconds (median, CUDA graph replays); mask columns: build time; "
+          "hot sf: the kernel timed again right after the SDPA columns, with no rest")
     print(head)
     for r in rows:
         cells = "".join(f"{r[c] * 1e3:>15.1f}" if c in r else f"{'-':>15}" for c in COLUMNS)
         print(f"{r['config']:<20}{cells}"
               f"{r.get('useful TFLOP/s segflex', float('nan')):>9.1f}"
+              f"{r.get('useful TFLOP/s segflex, no rest', float('nan')):>8.1f}"
               f"{r.get('useful TFLOP/s flex', float('nan')):>10.1f}"
               f"{r.get('speedup kernel vs flex', float('nan')):>8.2f}"
               f"{r.get('flex create_block_mask', float('nan')) * 1e3:>11.0f}"

@@ -5,6 +5,11 @@ power limit, so the same kernel can time several percent apart depending on what
 before it. The benchmarks sample the clock between timed repetitions and report it next to
 each time, so that two numbers are compared knowing the clocks they ran at.
 
+The clock also depends on how hot the GPU already is: right after seconds of work at the
+power limit, the same kernel runs several percent slower than after a pause. rest() waits
+until the GPU has cooled back to near the coolest temperature this process has seen, so that
+every method a benchmark times starts from the same state, whatever ran before it.
+
 NVML ships with the NVIDIA driver (libnvidia-ml.so.1); no Python package is needed. Where
 it cannot be loaded, every reading is None.
 """
@@ -13,8 +18,10 @@ from __future__ import annotations
 
 import ctypes
 import statistics
+import time
 
 _NVML_CLOCK_SM = 1
+_NVML_TEMPERATURE_GPU = 0
 
 
 class _Nvml:
@@ -41,6 +48,15 @@ class _Nvml:
             return None
         return int(v.value)
 
+    def celsius(self) -> int | None:
+        if self.lib is None:
+            return None
+        v = ctypes.c_uint()
+        if self.lib.nvmlDeviceGetTemperature(self.handle, _NVML_TEMPERATURE_GPU,
+                                             ctypes.byref(v)) != 0:
+            return None
+        return int(v.value)
+
     def watts(self) -> float | None:
         if self.lib is None:
             return None
@@ -58,6 +74,30 @@ def _get() -> _Nvml:
     if _nvml is None:
         _nvml = _Nvml()
     return _nvml
+
+
+_coolest: int | None = None
+
+
+def rest(max_s: float = 5.0, margin_c: int = 3) -> int | None:
+    """Waits, at most max_s seconds, until the GPU's temperature is within margin_c degrees
+    of the coolest reading of this process (the first call's, normally: an idle GPU).
+    Returns the temperature it leaves at, or None without NVML. (On an H100, 5 s of idle
+    brought a kernel that runs at the power limit back to its speed before 3 s of dense
+    attention at 700 W.)"""
+    global _coolest
+    nv = _get()
+    t = nv.celsius()
+    if t is None:
+        return None
+    _coolest = t if _coolest is None else min(_coolest, t)
+    deadline = time.monotonic() + max_s
+    while t > _coolest + margin_c and time.monotonic() < deadline:
+        time.sleep(0.1)
+        t = nv.celsius()
+        if t is None:
+            return None
+    return t
 
 
 class ClockSamples:

@@ -60,7 +60,7 @@ fi
 
 if has bench; then
     step bench_attention
-    (cd benchmarks && timeout 400 $PY bench_attention.py --device cuda --json "$OUT/bench_attention.json") \
+    (cd benchmarks && timeout 540 $PY bench_attention.py --device cuda --json "$OUT/bench_attention.json") \
         >"$OUT/bench_attention.log" 2>&1
     tail -9 "$OUT/bench_attention.log"
     step bench_decode

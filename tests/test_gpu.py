@@ -598,6 +598,16 @@ def test_smoke_all_paths():
         ref, _ = reference(q[0, :, -2:], k[0], v[0], mask, bias, 1 / math.sqrt(d))
         check_close(dec[0], ref, sdpa_peer(q[0, :, -2:], k[0], v[0], mask, bias,
                                            1 / math.sqrt(d)), "smoke decode")
+    # a table without biases (the self-ensemble prompt's shape)
+    plain = segflex.SegmentLayout([20, 33, 5, 21], ["isolated", "isolated", "isolated", "global"])
+    n = len(plain)
+    q = randn(1, 3, n, 128, dtype=torch.bfloat16, gen=gen)
+    k = randn(1, 1, n, 128, dtype=torch.bfloat16, gen=gen)
+    v = randn(1, 1, n, 128, dtype=torch.bfloat16, gen=gen)
+    mask, bias = dense_mask_bias(plain, np.arange(n), n)
+    ref, _ = reference(q[0], k[0], v[0], mask, bias, 1 / math.sqrt(128))
+    check_close(segflex.attention(q, k, v, [plain])[0], ref,
+                sdpa_peer(q[0], k[0], v[0], mask, bias, 1 / math.sqrt(128)), "smoke plain prefill")
     # a cache long enough to be split over several blocks, so the merge of the splits runs too
     n_long = 1000
     q, kc, vc = random_cache([n_long], 3, 1, 2, 128, n_long + 5, torch.bfloat16, gen)

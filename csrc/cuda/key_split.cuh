@@ -297,6 +297,60 @@ __device__ __forceinline__ void merge_warps(float *s_o, int warp, int lane, int 
     m[1] = mm[1];
 }
 
+/*
+ * merge_warps for a block whose 4 warps all hold the same 16 rows, with the merge spread
+ * over the warps: after the one barrier, warp w merges output columns [w*D/4, (w+1)*D/4)
+ * of the four states, so each warp reads a quarter of the exchange and writes a quarter of
+ * each row, where merge_warps leaves all of it to one warp. (On the short-problem prefill
+ * kernel the merge ends the critical path of the block holding the global tail.)
+ * Every thread of the block calls it. On return mo[i] holds n-block w*D/32 + i of the
+ * merged, unnormalised rows, and m, l the merged row state (l summed over the quad).
+ */
+template <int D>
+__device__ __forceinline__ void merge_warps_by_columns(float *s_o, int warp, int lane, float (&m)[2],
+                                                       float (&l)[2], const float (&o)[D / 8][4],
+                                                       float (&mo)[D / 32][4])
+{
+    float *s_ml = s_o + 4 * 16 * D; /* the layout of merge_warps */
+    l[0] = quad_sum(l[0]);
+    l[1] = quad_sum(l[1]);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+        *reinterpret_cast<float4 *>(s_o + ((warp * (D / 8) + n) * 32 + lane) * 4) =
+            make_float4(o[n][0], o[n][1], o[n][2], o[n][3]);
+    *reinterpret_cast<float4 *>(s_ml + (warp * 32 + lane) * 4) = make_float4(m[0], m[1], l[0], l[1]);
+    __syncthreads();
+    float4 ml[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) ml[w] = *reinterpret_cast<const float4 *>(s_ml + (w * 32 + lane) * 4);
+    const float mm0 = fmaxf(fmaxf(ml[0].x, ml[1].x), fmaxf(ml[2].x, ml[3].x));
+    const float mm1 = fmaxf(fmaxf(ml[0].y, ml[1].y), fmaxf(ml[2].y, ml[3].y));
+    float e0[4], e1[4];
+    l[0] = l[1] = 0.f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        e0[w] = mm0 == -INFINITY ? 0.f : fast_exp2(ml[w].x - mm0);
+        e1[w] = mm1 == -INFINITY ? 0.f : fast_exp2(ml[w].y - mm1);
+        l[0] += ml[w].z * e0[w];
+        l[1] += ml[w].w * e1[w];
+    }
+#pragma unroll
+    for (int i = 0; i < D / 32; ++i) {
+        const int n = warp * (D / 32) + i;
+        mo[i][0] = mo[i][1] = mo[i][2] = mo[i][3] = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            const float4 v = *reinterpret_cast<const float4 *>(s_o + ((w * (D / 8) + n) * 32 + lane) * 4);
+            mo[i][0] += v.x * e0[w];
+            mo[i][1] += v.y * e0[w];
+            mo[i][2] += v.z * e1[w];
+            mo[i][3] += v.w * e1[w];
+        }
+    }
+    m[0] = mm0;
+    m[1] = mm1;
+}
+
 } // namespace sfcuda
 
 #endif

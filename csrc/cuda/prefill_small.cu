@@ -12,7 +12,8 @@
  *   - every 64-key tile is dealt to the warps in 16-key chunks (warp w takes keys
  *     16w..16w+15 of each tile, key_split.cuh's attend_chunk), each warp keeping its own
  *     online-softmax state; after the last tile the four states are merged in shared
- *     memory (merge_warps) and warp 0 writes the rows.
+ *     memory, each warp merging and writing a quarter of the output columns
+ *     (merge_warps_by_columns).
  *
  * The grid has 4x the blocks of prefill.cu, a warp computes a quarter of the keys of its
  * block's tiles, and three blocks share an SM (registers held to 168 per thread), so a
@@ -53,7 +54,7 @@ static_assert(WARPS * 16 == BN, "each warp takes one 16-key chunk of a tile");
 /* Shared memory, in bytes from the (128-aligned) base:
  *   stages [NSTAGE][K tile | V tile] | plan | segment table (end, bias) |
  *   key facts [NSTAGE][seg BN | bias BN] | per-warp counts | segment kinds
- * After the tile loop the stages hold merge_warps's exchange area. */
+ * After the tile loop the stages hold the warps' exchange area for the merge. */
 template <int D> struct Layout {
     static constexpr int NSTAGE = D == 64 ? 3 : 2;
     static constexpr int TILE = BN * D * 2;
@@ -272,24 +273,25 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) prefill_small_kernel(cons
     cp_async_wait<0>(); /* only empty groups remain; the stages become the merge area */
     __syncthreads();
 
-    /* warp w holds keys 16w..16w+15 of every tile: merge the four states into warp 0 */
-    merge_warps<D>(reinterpret_cast<float *>(smem), warp, lane, warp, WARPS, 1, m, l, o);
-    if (warp != 0) return;
+    /* Warp w holds keys 16w..16w+15 of every tile. The four states are merged through
+     * shared memory, each warp merging and writing a quarter of the columns. */
+    float mo[D / 32][4];
+    merge_warps_by_columns<D>(reinterpret_cast<float *>(smem), warp, lane, m, l, o, mo);
 
-    /* epilogue: normalise and write the valid rows (l is summed over the quad already) */
+    /* epilogue: normalise and write the valid rows */
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int i = br.i0 + g + r * 8;
         if (i >= br.q_len) continue;
         const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        uint16_t *orow =
-            a.out + br.b * a.o_sb + br.h * a.o_sh + (int64_t)(br.q_start + i) * a.o_st;
+        uint16_t *orow = a.out + br.b * a.o_sb + br.h * a.o_sh +
+                         (int64_t)(br.q_start + i) * a.o_st + warp * (D / 4);
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            const uint32_t pk = Pack2<T>::pack(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+        for (int n = 0; n < D / 32; ++n) {
+            const uint32_t pk = Pack2<T>::pack(mo[n][2 * r] * inv, mo[n][2 * r + 1] * inv);
             *reinterpret_cast<uint32_t *>(orow + n * 8 + 2 * c4) = pk;
         }
-        if (a.lse != nullptr && c4 == 0)
+        if (a.lse != nullptr && warp == 0 && c4 == 0)
             a.lse[br.b * a.lse_sb + br.h * a.lse_sh + br.q_start + i] =
                 l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
     }

@@ -40,30 +40,24 @@ class _Nvml:
         except (OSError, AttributeError):
             self.lib = None
 
-    def sm_mhz(self) -> int | None:
+    def _uint(self, query: str, *args) -> int | None:
+        """The unsigned value an NVML device query writes through its last argument."""
         if self.lib is None:
             return None
         v = ctypes.c_uint()
-        if self.lib.nvmlDeviceGetClockInfo(self.handle, _NVML_CLOCK_SM, ctypes.byref(v)) != 0:
+        if getattr(self.lib, query)(self.handle, *args, ctypes.byref(v)) != 0:
             return None
         return int(v.value)
+
+    def sm_mhz(self) -> int | None:
+        return self._uint("nvmlDeviceGetClockInfo", _NVML_CLOCK_SM)
 
     def celsius(self) -> int | None:
-        if self.lib is None:
-            return None
-        v = ctypes.c_uint()
-        if self.lib.nvmlDeviceGetTemperature(self.handle, _NVML_TEMPERATURE_GPU,
-                                             ctypes.byref(v)) != 0:
-            return None
-        return int(v.value)
+        return self._uint("nvmlDeviceGetTemperature", _NVML_TEMPERATURE_GPU)
 
     def watts(self) -> float | None:
-        if self.lib is None:
-            return None
-        v = ctypes.c_uint()
-        if self.lib.nvmlDeviceGetPowerUsage(self.handle, ctypes.byref(v)) != 0:
-            return None
-        return v.value / 1000.0
+        mw = self._uint("nvmlDeviceGetPowerUsage")
+        return None if mw is None else mw / 1000.0
 
 
 _nvml: _Nvml | None = None
